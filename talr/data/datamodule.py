@@ -1,0 +1,142 @@
+"""The one domain DataModule every method shares: task rows -> chat-template examples -> batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from talr.data.encoding import Collator, OverlongPolicy, encode_rows
+from talr.modeling import BUILTIN, load_tokenizer
+from talr.tasks.base import DataError, Task
+
+log = logging.getLogger(__name__)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled order in which each run of `batch_size` indices has similar lengths (less padding).
+
+    Indices are shuffled, cut into mega-chunks of `batch_size * mega`, sorted by length inside each chunk,
+    and the resulting batches are shuffled. Deterministic for a given seed and epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 32):
+        self.lengths, self.batch_size, self.seed, self.mega, self.epoch = lengths, batch_size, seed, mega, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        size = self.batch_size * self.mega
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start: start + size], key=lambda i: -self.lengths[i])
+            batches += [chunk[j: j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter([i for b in batches for i in b])
+
+
+class DomainDataModule(L.LightningDataModule):
+    """Rows of a domain task, rendered with the tokenizer's chat template, with completion-only labels.
+
+    Args:
+        task: the domain task (MedCalc, ESCI, …) and its source, format and split options.
+        tokenizer: tokenizer name or path; linked to `model.init_args.pretrained` by the CLI.
+        max_length: longest example in tokens (prompt + target).
+        overlong: what to do with longer examples: `truncate` the task's free-text field (the patient note,
+            the product description) until the example fits, `skip` it, or raise an `error`. The target is
+            never cut. Counts are logged and kept in `stats`.
+        batch_size: training micro-batch size per device.
+        eval_batch_size: validation/test batch size (generation is batched with left padding).
+        group_by_length: batch training examples of similar length together (less padding).
+        num_workers: DataLoader workers.
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer: str = BUILTIN,
+        max_length: int = 2048,
+        overlong: OverlongPolicy = "truncate",
+        batch_size: int = 4,
+        eval_batch_size: int = 8,
+        group_by_length: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.task = task
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.overlong = overlong
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = None
+        self.examples: dict[str, list[dict]] = {}
+        self.stats: dict[str, int] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.examples:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
+        splits = self.task.load_splits()
+        rank_zero = getattr(self.trainer, "is_global_zero", True) if self.trainer is not None else True
+        for split, rows in splits.items():
+            examples, counts = encode_rows(
+                self.task, rows, self.tokenizer, self.max_length, self.overlong, split=split, progress=rank_zero
+            )
+            for i, e in enumerate(examples):
+                e["index"] = i
+            self.examples[split] = examples
+            self.stats.update({f"{split}/{k}": v for k, v in counts.items()})
+        self.stats.update(getattr(self.task, "stats", {}))
+        if not self.examples.get("train") and stage in (None, "fit"):
+            raise DataError(self.task.source, "the train split is empty after loading and the over-long policy")
+        if rank_zero:
+            log.info("data: %s", ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        examples = self.examples.get(split, [])
+        if not examples:
+            raise DataError(self.task.source, f"split {split!r} is empty")
+        pad_id = self.tokenizer.pad_token_id
+        if train:
+            sampler = None
+            if self.group_by_length:
+                sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], self.batch_size, self.seed)
+            generator = torch.Generator().manual_seed(self.seed)
+            return DataLoader(examples, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=generator, collate_fn=Collator(pad_id), num_workers=self.num_workers)
+        return DataLoader(examples, batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=Collator(pad_id, with_prompts=True), num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("validation", train=False) if self.examples.get("validation") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def rows(self, split: str) -> list[dict]:
+        return [e["row"] for e in self.examples.get(split, [])]

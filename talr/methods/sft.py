@@ -1,0 +1,259 @@
+"""The base LightningModule: model loading, the training step, optimisation, logging, domain evaluation.
+
+Every method is a subclass overriding one hook:
+  * `weighted_loss_sum(token_losses, mask, batch)` — the loss numerator Σ w_i ℓ_i (TALR, DFT, FLOW);
+  * `after_gradient_normalized()` — add a regulariser's gradient (L2-to-init);
+  * `prepare_model(model)` — change what is trained (LoRA).
+
+Normalisation is exact: the gradient of one optimiser step equals that of Σ w_i ℓ_i / N with N the
+number of supervised tokens of the whole step, over every accumulation micro-batch and every rank.
+Each micro-batch backpropagates its unnormalised sum; before the optimiser step the gradients are
+rescaled by accumulate · world_size / N (Lightning divides by `accumulate_grad_batches`, DDP/FSDP
+average over ranks, and N is all-reduced). This avoids the "gradient accumulation bug" of
+per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+
+from talr.modeling import BUILTIN, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class SFT(L.LightningModule):
+    """Completion-only supervised fine-tuning (the paper's SFT baseline and the base of every method).
+
+    Args:
+        pretrained: HF hub id, local HF directory, local `.gguf` file, or `builtin:SmolLM2-135M-Instruct`.
+        dtype: weights dtype (`float32`, `bfloat16`, `float16`); use Trainer `precision` for autocast.
+        trust_remote_code: allow code shipped in the model repo to run (off by default).
+        attn_implementation: e.g. `sdpa`, `eager`, `flash_attention_2` (transformers' default if unset).
+        lr: peak learning rate (the paper: 1e-6, 5e-6, 2e-5).
+        weight_decay: AdamW weight decay on matrices (not on norms and biases).
+        betas: AdamW betas.
+        warmup_ratio: share of optimiser steps of linear warmup.
+        min_lr_ratio: cosine decay floor as a share of `lr`.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        max_new_tokens: greedy generation budget for domain accuracy.
+        generate_in_eval: score greedy generations in validation/test (off: loss only).
+        baseline_eval: evaluate the domain before the first step, logged as `baseline/val/*` and step 0.
+        nonfinite: on a non-finite loss or gradient, `stop` with an error naming the step, or `skip` the step
+            (counted in `train/skipped_steps`).
+    """
+
+    def __init__(
+        self,
+        pretrained: str = BUILTIN,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        max_new_tokens: int = 256,
+        generate_in_eval: bool = True,
+        baseline_eval: bool = True,
+        nonfinite: Literal["stop", "skip"] = "stop",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = None
+        self.tokenizer = None
+        self.register_buffer("_window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.skipped_steps = 0
+        self._skip_this_step = False
+        self._t_batch = 0.0
+
+    # -- model -----------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.pretrained, trust_remote_code=hp.trust_remote_code)
+        model = load_model(hp.pretrained, hp.dtype, hp.trust_remote_code, hp.attn_implementation)
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = self.prepare_model(model.train())  # from_pretrained returns eval mode
+
+    def prepare_model(self, model):
+        """Hook: return the module to train (LoRA wraps it here)."""
+        return model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # -- loss ------------------------------------------------------------------------------------
+    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token −log p of each next token (B, T−1) in fp32, and the supervised mask."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1].float()
+        losses = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+        return losses, labels != -100
+
+    def weighted_loss_sum(self, token_losses: torch.Tensor, mask: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Hook: Σ w_i ℓ_i over supervised tokens, and statistics to log. SFT: w_i = 1."""
+        return token_losses.where(mask, 0.0).sum(), {}
+
+    def after_gradient_normalized(self) -> None:
+        """Hook: runs once per optimiser step after gradients hold d(Σ w ℓ / N)/dθ (L2 adds its term)."""
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        token_losses, mask = self.token_losses(batch)
+        loss_sum, stats = self.weighted_loss_sum(token_losses, mask, batch)
+        n = mask.sum()
+        self._window_tokens += n
+        denom = n.clamp_min(1)
+        self.log("train/loss", loss_sum.detach() / denom, prog_bar=True)
+        self.log("train/ce", token_losses.detach().where(mask, 0.0).sum() / denom)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()})
+        if not torch.isfinite(loss_sum):
+            return self._nonfinite(f"loss is {loss_sum.item()}")
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        n = self._window_tokens.clone()
+        if self.trainer.world_size > 1:
+            n = self.trainer.strategy.reduce(n, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(float(n), 1.0)
+        params = self.trainable_parameters()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        self._window_tokens.zero_()
+        self.after_gradient_normalized()
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            self._nonfinite("gradient has non-finite values")
+        if self._skip_this_step:  # AdamW leaves parameters whose grad is None untouched
+            for p in params:
+                p.grad = None
+            self._skip_this_step = False
+
+    def _nonfinite(self, what: str) -> None:
+        step = self.global_step
+        if self.hparams.nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite training at optimizer step {step} (epoch {self.current_epoch}): {what}. "
+                "The last checkpoint written before this step is intact; set model.init_args.nonfinite=skip to skip such steps."
+            )
+        self.skipped_steps += 1
+        self._skip_this_step = True
+        log.warning("skipping optimizer step %d: %s (%d skipped so far)", step, what, self.skipped_steps)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return None
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._t_batch = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        dt = max(time.perf_counter() - self._t_batch, 1e-9)
+        self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / dt)
+        self.log("train/supervised_tokens_per_s", (batch["labels"] != -100).sum().float() / dt)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.trainable_parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_scheduler(
+            "cosine_with_min_lr", optimizer, num_warmup_steps=int(hp.warmup_ratio * total), num_training_steps=total,
+            scheduler_specific_kwargs={"min_lr_rate": hp.min_lr_ratio},
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- domain evaluation -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        task = self.trainer.datamodule.task
+        self.eval_metrics = torch.nn.ModuleDict({s: task.metrics() for s in ("val", "test")})
+        self._eval_nll = {s: [0.0, 0.0] for s in ("val", "test")}
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False, temperature=None, top_p=None, top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        token_losses, mask = self.token_losses(batch)
+        acc = self._eval_nll[stage]
+        acc[0] += float(token_losses.where(mask, 0.0).sum())
+        acc[1] += float(mask.sum())
+        if self.hparams.generate_in_eval:
+            generations = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+            self.trainer.datamodule.task.update_metrics(self.eval_metrics[stage], generations, batch["rows"])
+
+    def _eval_results(self, stage: str) -> dict[str, float]:
+        nll = torch.tensor(self._eval_nll[stage], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            nll = self.trainer.strategy.reduce(nll, reduce_op="sum")
+        self._eval_nll[stage] = [0.0, 0.0]
+        out = {f"{stage}/nll": float(nll[0] / nll[1].clamp_min(1))}
+        if self.hparams.generate_in_eval:
+            out.update({f"{stage}/{k}": float(v) for k, v in self.eval_metrics[stage].compute().items()
+                        if torch.as_tensor(v).numel() == 1})
+            self.eval_metrics[stage].reset()
+        return out
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._eval_results("val")
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict(results, sync_dist=False)
+        self.last_val = results
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._eval_results("test"), sync_dist=False)
+
+    def on_train_start(self) -> None:
+        """Evaluate the domain before any update: the baseline every later score is compared to."""
+        if not self.hparams.baseline_eval or self.global_step > 0 or not self.trainer.datamodule.examples.get("validation"):
+            return
+        from lightning.pytorch.utilities import move_data_to_device
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        loader = self.trainer.datamodule.val_dataloader()
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="baseline validation", disable=not self.trainer.is_global_zero):
+                self._eval_step(move_data_to_device(batch, self.device), "val")
+        self.model.train(was_training)
+        self.baseline = self._eval_results("val")
+        metrics = {**self.baseline, **{f"baseline/{k}": v for k, v in self.baseline.items()}}
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+            log.info("baseline: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.baseline.items()))

