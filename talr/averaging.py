@@ -96,7 +96,8 @@ def average_models(
 ) -> list[Path]:
     """Write θ_α = (1 − α)·θ_init + α·θ_finetuned for each α as an HF directory under ``output_dir``.
 
-    ``init`` is a hub id or local directory, ``finetuned`` a local (or hub) full model. The output
+    ``init`` is a hub id, local directory, .gguf file or ``builtin:...`` (talr.modeling.resolve);
+    ``finetuned`` a full (merged) model directory or hub id. The output
     takes the config, generation config and tokenizer of ``finetuned``, plus ``averaging.json``.
     Returns the directories in the order of ``alphas`` (duplicates dropped).
     """
@@ -106,11 +107,14 @@ def average_models(
     torch_dtype = _resolve_dtype(dtype)
     from transformers import AutoModelForCausalLM
 
+    from talr.modeling import resolve  # hub id, local dir, .gguf file or the built-in model
+
     log.info("loading %s and %s (%s)", init, finetuned, torch_dtype)
-    model_ft = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch_dtype)
-    model_init = AutoModelForCausalLM.from_pretrained(init, dtype=torch_dtype)
+    (ft_path, ft_extra), (init_path, init_extra) = resolve(str(finetuned)), resolve(str(init))
+    model_ft = AutoModelForCausalLM.from_pretrained(ft_path, dtype=torch_dtype, **ft_extra)
+    model_init = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch_dtype, **init_extra)
     sd_ft, sd_init = model_ft.state_dict(), model_init.state_dict()
-    tokenizer = _load_tokenizer(finetuned)
+    tokenizer = _load_tokenizer(resolve(str(finetuned), tokenizer_only=True)[0])
 
     out_root = Path(output_dir)
     paths = []

@@ -49,7 +49,8 @@ def product_rows() -> list[dict]:
             rows.append({
                 "product_id": product_id(q, k),
                 "product_title": f"{'Producto' if q == 8 else 'Product'} {q}-{k} &amp; more",
-                "product_description": None if q == 2 else LONG_DESCRIPTION if (q, k) == (0, 0) else f"<b>Desc</b> of {q}-{k}",
+                "product_description": (None if q == 2 else LONG_DESCRIPTION if (q, k) == (0, 0)
+                                        else f"<b>Desc</b> of {q}-{k}"),
                 "product_bullet_point": f"<li>Bullet <i>one</i></li>\n  Bullet   two &gt; three\n" if k < 2 else None,
                 "product_brand": "" if k == 3 else f"Brand{q}",
                 "product_color": None if k % 2 else "Red",
@@ -62,12 +63,15 @@ def write_esci(folder: str | Path, examples: list[dict] | None = None, products:
     """Write the two official parquet files into `folder` and return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(example_rows() if examples is None else examples).to_parquet(folder / "shopping_queries_dataset_examples.parquet")
-    pd.DataFrame(product_rows() if products is None else products).to_parquet(folder / "shopping_queries_dataset_products.parquet")
+    examples = example_rows() if examples is None else examples
+    products = product_rows() if products is None else products
+    pd.DataFrame(examples).to_parquet(folder / "shopping_queries_dataset_examples.parquet")
+    pd.DataFrame(products).to_parquet(folder / "shopping_queries_dataset_products.parquet")
     return folder
 
 
 def joined_rows() -> list[dict]:
     """The fixture already joined (as a hub copy would be), products missing from the join left out."""
     products = {(p["product_locale"], p["product_id"]): p for p in product_rows()}
-    return [{**e, **products[(e["product_locale"], e["product_id"])]} for e in example_rows() if e["example_id"] != MISSING_PRODUCT]
+    examples = [e for e in example_rows() if e["example_id"] != MISSING_PRODUCT]
+    return [{**e, **products[(e["product_locale"], e["product_id"])]} for e in examples]

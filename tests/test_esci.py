@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import logging
 
-import pandas as pd
 import pytest
-import torch
 
 from esci_fixture import MISSING_PRODUCT, US_SMALL, example_rows, joined_rows, product_rows, write_esci
 from talr.tasks.base import DataError
-from talr.tasks.esci import ESCI, extract_label
+from talr.tasks.esci import ESCI, clean, extract_label
 
 
 @pytest.fixture
@@ -38,7 +36,7 @@ def test_join_and_locale_filter_counts(esci_dir, caplog):
     assert task.stats["dropped_not_small"] == US_SMALL["dropped_not_small"]
     assert task.stats["missing_products"] == US_SMALL["missing"] == 1
     assert "1 examples whose product is not in" in caplog.text
-    assert len(splits["test"]) == task.stats["test"] == US_SMALL["test"]
+    assert len(splits["test"]) == task.stats["rows_test"] == US_SMALL["test"]
     assert len(splits["train"]) + len(splits["validation"]) == US_SMALL["train_pool"]
     rows = [r for s in splits.values() for r in s]
     assert all(r["product_locale"] == "us" for r in rows)
@@ -92,13 +90,21 @@ def test_max_examples_is_a_seeded_random_subset(esci_dir, tmp_path):
     assert any(o != ids(capped)["test"] for o in other_seed)
 
 
-def test_bad_label_names_example_id(tmp_path):
+@pytest.mark.parametrize("example_id", [106, MISSING_PRODUCT])  # checked before the join drops a row
+def test_bad_label_names_example_id(tmp_path, example_id):
     examples = example_rows()
-    examples[5]["esci_label"] = "X"
+    examples[example_id - 100]["esci_label"] = "X"
     folder = write_esci(tmp_path, examples=examples)
-    with pytest.raises(DataError, match=r"row 105.*esci_label.*'X'") as e:
+    with pytest.raises(DataError, match=rf"row {example_id}.*esci_label.*'X'") as e:
         load(folder)
-    assert e.value.row == 105 and e.value.column == "esci_label"
+    assert e.value.row == example_id and e.value.column == "esci_label"
+
+
+def test_label_words_are_normalised(tmp_path):
+    examples = example_rows()
+    examples[0]["esci_label"] = "exact"
+    _, splits = load(write_esci(tmp_path, examples=examples))
+    assert {r["esci_label"] for s in splits.values() for r in s} == set("ESCI")
 
 
 @pytest.mark.parametrize("which,column", [("examples", "query"), ("examples", "split"), ("products", "product_title")])
@@ -127,9 +133,19 @@ def test_joined_jsonl_source(tmp_path):
     assert not (queries[0] & queries[1] or queries[0] & queries[2] or queries[1] & queries[2])
 
 
+def test_folder_of_joined_split_files(tmp_path):
+    rows = joined_rows()
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == split))
+    task, splits = load(tmp_path)
+    _, official = load(write_esci(tmp_path / "official"))
+    assert ids(splits) == ids(official) and task.stats["examples_read"] == 39
+
+
 def test_joined_file_missing_column_and_duplicate_ids(tmp_path):
     path = tmp_path / "esci.jsonl"
-    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "product_title"}) + "\n" for r in joined_rows()))
+    rows = [{k: v for k, v in r.items() if k != "product_title"} for r in joined_rows()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="product_title") as e:
         load(path)
     assert str(path) in str(e.value)
@@ -154,7 +170,8 @@ def test_cot_with_rationale_file(esci_dir, tmp_path):
                             for e in example_rows()))
     task, splits = load(esci_dir, format="cot", rationale_file=str(side), rationale_column="why")
     row = splits["train"][0]
-    assert task.target(row) == f"Because {row['example_id']}.\nAnswer: {dict(E='Exact', S='Substitute', C='Complement', I='Irrelevant')[row['esci_label']]}"
+    word = dict(E="Exact", S="Substitute", C="Complement", I="Irrelevant")[row["esci_label"]]
+    assert task.target(row) == f"Because {row['example_id']}.\nAnswer: {word}"
     assert extract_label(task.target(row)) == "ESCI".index(row["esci_label"])
     # a side file that lacks one used row still fails, naming that row
     side.write_text("".join(json.dumps({"example_id": i, "why": "x"}) + "\n" for i in range(100, 140) if i != 100))
@@ -192,6 +209,23 @@ def test_prompt_strips_html_omits_missing_and_respects_budget(esci_dir):
     assert "Answer: Exact" in task.target(rows[100]) and task.target(rows[111]) == "Answer: Irrelevant"
 
 
+def test_clean_keeps_literal_angle_brackets():
+    assert clean("Weight < 2 kg &amp; <b>bold</b><br/>\n<!-- x -->end") == "Weight < 2 kg & bold end"
+    assert clean(float("nan")) == clean(None) == clean("  ") == ""
+
+
+def test_config_keys_parse_with_jsonargparse():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ESCI, "task")
+    cfg = parser.parse_string("task:\n  source: /data/esci\n  format: cot\n  locale: null\n  max_examples: {train: 10}\n"
+                              "  rationale_file: r.jsonl\n")
+    task = parser.instantiate_classes(cfg).task
+    assert (task.format, task.locale, task.max_examples, task.rationale_file) == ("cot", None, {"train": 10}, "r.jsonl")
+    assert task.small_version is True and task.description_budget == 500
+
+
 def test_shorten_cuts_visible_description(esci_dir):
     task, splits = load(esci_dir)
     row = next(r for r in splits["train"] + splits["validation"] if r["example_id"] == 100)
@@ -224,7 +258,8 @@ def hand_rows(labels):
 def test_metrics_on_a_hand_example():
     task = ESCI(source="unused", format="label")
     metrics = task.metrics()
-    generations = ["Answer: Exact", "Answer: Substitute", "Because.\nAnswer: S", "no idea", "answer: irrelevant", "Answer: C"]
+    generations = ["Answer: Exact", "Answer: Substitute", "Because.\nAnswer: S", "no idea", "answer: irrelevant",
+                   "Answer: C"]
     targets = ["E", "E", "S", "C", "I", "E"]
     task.update_metrics(metrics, generations[:4], hand_rows(targets[:4]))  # two batches
     task.update_metrics(metrics, generations[4:], hand_rows(targets[4:]))
@@ -253,3 +288,16 @@ def test_macro_f1_skips_classes_absent_from_targets_and_predictions():
     assert float(metrics.compute()["accuracy"]) == 1.0
     with pytest.raises(ValueError):
         task.update_metrics(metrics, ["a"], hand_rows("EE"))
+
+
+def test_overlong_policy_cuts_the_description(esci_dir, tokenizer):
+    from talr.data.encoding import IGNORE, encode_chat, encode_rows
+
+    task, splits = load(esci_dir, description_budget=2000)
+    row = next(r for r in splits["train"] + splits["validation"] if r["example_id"] == 100)
+    _, full = encode_chat(tokenizer, task.messages(row), task.target(row))
+    examples, counts = encode_rows(task, [row], tokenizer, len(full) - 50, "truncate", split="train", progress=False)
+    assert counts["truncated"] == 1 and len(examples[0]["input_ids"]) <= len(full) - 50
+    assert "Description: Very long" in task.messages(examples[0]["row"])[1]["content"]
+    labels = [t for t in examples[0]["labels"] if t != IGNORE]
+    assert tokenizer.decode(labels).startswith("Answer: Exact")

@@ -156,6 +156,10 @@ def test_weights_are_detached_and_gradient_equals_weights():
         close(grad, w)
     (grad,) = torch.autograd.grad(weighted_token_loss_sum(losses, mask), losses)
     close(grad, mask.float())
+    # weights given with a graph are still treated as constants (stop-gradient)
+    live = torch.exp(-losses)
+    (grad,) = torch.autograd.grad(weighted_token_loss_sum(losses, mask, live), losses)
+    close(grad, torch.where(mask, live.detach(), 0.0))
     # per-sample weights broadcast over tokens
     (grad,) = torch.autograd.grad(weighted_token_loss_sum(losses, mask, T([2.0, 0.5])), losses)
     close(grad, [[2.0, 2.0, 2.0], [0.5, 0.5, 0.0]])

@@ -86,11 +86,12 @@ def flat_metrics(result: Mapping[str, Any], prefix: str = "general", stderr: boo
 def check_full_model(model: torch.nn.Module) -> None:
     """lm-eval generates with the whole model on one process; refuse sharded parameters."""
     try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
-        DTensor = ()  # type: ignore[assignment]
+        return
     sharded = any(isinstance(p, DTensor) for p in model.parameters()) or any(
-        type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()
+        isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()
     )
     if sharded:
         raise NotImplementedError(
@@ -134,7 +135,7 @@ def evaluate_general(
     max_gen_toks: int | None = None,
     data_dir: str | Path | None = None,
     allow_code_execution: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     data_files: Mapping[str, Mapping[str, str]] | None = None,
     bootstrap_iters: int = 100000,
     log_samples: bool = False,
@@ -151,7 +152,9 @@ def evaluate_general(
             IFEval 1280, GSM8K 256, HumanEval 1024). Changes results; meant for quick checks.
         data_dir: local data folder (layout in `talr.general.lm_tasks`); None = Hugging Face hub.
         allow_code_execution: required for HumanEval, which executes model-written code.
-        seed: lm-eval's random/numpy/torch/few-shot seeds (global states are restored afterwards).
+        seed: lm-eval's random/numpy/torch/few-shot seeds; None = lm-eval's defaults (0, 1234, 1234,
+            1234), so GSM8K's few-shot examples are the ones of any default lm-eval run. The global
+            random states are restored afterwards either way.
 
     Returns:
         {"results": {task: {metric: value}}, "general/score": mean headline metric (None if none),
@@ -175,6 +178,8 @@ def evaluate_general(
         "data_files": {k: dict(v) for k, v in (data_files or {}).items()} or None,
         "allow_code_execution": allow_code_execution, "seed": seed, "bootstrap_iters": bootstrap_iters,
     }
+    seeds = {} if seed is None else dict.fromkeys(
+        ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), seed)
     start = time.perf_counter()
     task_dir = Path(tempfile.mkdtemp(prefix="talr_lm_eval_tasks_"))
     try:
@@ -192,7 +197,7 @@ def evaluate_general(
                 confirm_run_unsafe_code=allow_code_execution,
                 bootstrap_iters=bootstrap_iters,
                 log_samples=log_samples,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                **seeds,
             )
     finally:
         shutil.rmtree(task_dir, ignore_errors=True)

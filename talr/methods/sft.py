@@ -78,6 +78,9 @@ class SFT(L.LightningModule):
         self.skipped_steps = 0
         self._skip_this_step = False
         self._t_batch = 0.0
+        self.tokens_seen = 0
+        self.baseline: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
 
     # -- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -113,6 +116,20 @@ class SFT(L.LightningModule):
 
     def after_gradient_normalized(self) -> None:
         """Hook: runs once per optimiser step after gradients hold d(Σ w ℓ / N)/dθ (L2 adds its term)."""
+
+    def export_hf(self, path) -> None:
+        """Write a Hugging Face directory (safetensors weights, config, tokenizer)."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["talr"] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, "baseline": self.baseline}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("talr", {})
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.baseline = state.get("baseline", {})
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -164,6 +181,7 @@ class SFT(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         dt = max(time.perf_counter() - self._t_batch, 1e-9)
+        self.tokens_seen += int(batch["attention_mask"].sum())
         self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / dt)
         self.log("train/supervised_tokens_per_s", (batch["labels"] != -100).sum().float() / dt)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

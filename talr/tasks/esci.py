@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from talr.data.sources import read_file, read_source
@@ -31,6 +31,7 @@ EXAMPLES_FILE = "shopping_queries_dataset_examples.parquet"
 PRODUCTS_FILE = "shopping_queries_dataset_products.parquet"
 EXAMPLE_COLUMNS = ("example_id", "query", "query_id", "product_id", "product_locale", "esci_label", "split")
 PRODUCT_COLUMNS = ("product_id", "product_locale", "product_title")
+STATS = ("examples_read", "dropped_locale", "dropped_not_small", "missing_products", "duplicate_products")
 PRODUCT_FIELDS = ("product_title", "product_description", "product_bullet_point", "product_brand", "product_color")
 _LABEL_OF = {**{k: k for k in LABELS}, **{w.upper(): k for k, w in zip(LABELS, WORDS)}}
 _SPLIT_OF = {"train": "train", "test": "test", "validation": "validation", "val": "validation", "dev": "validation"}
@@ -43,14 +44,11 @@ SYSTEM = (
     "- Complement: the product does not fulfil the query but could be used together with an exact item.\n"
     "- Irrelevant: the product is irrelevant, or it fails a central aspect of the query.\n"
 )
-ANSWER_FORMAT = {
-    "cot": "Reason briefly about the query and the product, then end with a final line "
-    "'Answer: <label>' where <label> is Exact, Substitute, Complement or Irrelevant.",
-    "label": "Reply with one line only: 'Answer: <label>' where <label> is Exact, Substitute, "
-    "Complement or Irrelevant.",
-}
+_LABEL_LINE = "'Answer: <label>' where <label> is Exact, Substitute, Complement or Irrelevant."
+ANSWER_FORMAT = {"cot": "Reason briefly, then end with a final line " + _LABEL_LINE,
+                 "label": "Reply with one line only: " + _LABEL_LINE}
 
-_TAG = re.compile(r"<[^>]*(?:>|$)")
+_TAG = re.compile(r"</?[A-Za-z!][^<>]*>")  # real tags only: "size < 5 in" stays
 _ANSWER = re.compile(r"\banswer\b[\s*_]*:", re.I)
 _VALUE = re.compile(
     r"[\s*_\"'`(\[]*(?:(exact|substitute|complement|irrelevant)\b|([esci])(?![a-z0-9])(?![ \t]*[a-z0-9]))", re.I
@@ -59,7 +57,7 @@ _VALUE = re.compile(
 
 def missing(value) -> bool:
     """None, NaN and blank strings are missing."""
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
 
 
 def clean(value) -> str:
@@ -89,37 +87,26 @@ def extract_label(generation: str | None) -> int | None:
 
 
 class ESCIScores(MulticlassF1Score):
-    """Per-class F1 over E/S/C/I (`f1_E` ... `f1_I`) and `macro_f1`, with unparseable answers as an
-    extra class 4 that is always wrong (a false negative for the true class, no false positive).
+    """Per-class F1 (`f1_E` .. `f1_I`), `macro_f1`, and the `unparseable` rate and `unparseable_count`.
 
-    `macro_f1` averages the real classes that occur in targets or predictions (sklearn's
-    `f1_score(..., labels=<those classes>, average="macro")`); a class absent from both reports 0.
+    Unparseable answers are an extra class 4 that no target has: a false negative for the true class,
+    never a false positive of a real class. `macro_f1` averages the real classes that occur in targets
+    or predictions (sklearn's `f1_score(..., labels=<those classes>, average="macro")`); a class absent
+    from both reports F1 0 and is left out of the average.
     """
 
     def __init__(self, **kwargs):
         super().__init__(num_classes=len(LABELS) + 1, average=None, **kwargs)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        f1 = super().compute()[: len(LABELS)]
-        seen = (self.tp + self.fp + self.fn)[: len(LABELS)] > 0
-        macro = f1[seen].mean() if seen.any() else torch.tensor(0.0)
-        return {"macro_f1": macro, **{f"f1_{k}": f1[i] for i, k in enumerate(LABELS)}}
-
-
-class Unparseable(Metric):
-    """`unparseable`: fraction of generations with no valid answer; `unparseable_count`: their number."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("bad", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        self.bad += (preds == INVALID).sum()
-        self.total += preds.numel()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {"unparseable": self.bad.float() / self.total.clamp(min=1), "unparseable_count": self.bad.clone()}
+        f1 = super().compute()[:INVALID]
+        seen = (self.tp + self.fp + self.fn)[:INVALID] > 0
+        total = (self.tp + self.fn)[:INVALID].sum()  # every row is a tp or an fn of its true class
+        return {
+            "macro_f1": f1[seen].mean() if seen.any() else torch.tensor(0.0),
+            **{f"f1_{k}": f1[i] for i, k in enumerate(LABELS)},
+            "unparseable": self.fp[INVALID] / total.clamp(min=1), "unparseable_count": self.fp[INVALID].clone(),
+        }
 
 
 class ESCI(Task):
@@ -135,7 +122,8 @@ class ESCI(Task):
         format: "label" (target `Answer: Exact`, the default: ESCI ships no rationales) or "cot" (a
             rationale, then the `Answer:` line; needs `rationale_column` or `rationale_file`).
         locale: keep rows whose product_locale is this ("us", "es", "jp"); None keeps all locales.
-        small_version: keep only the rows with small_version == 1 (the reduced Task 1 set).
+        small_version: keep only rows with small_version == 1 (the reduced set of KDD Cup task 1); False keeps
+            all rows (the large version of tasks 2 and 3).
         val_fraction: share of training queries moved to validation (grouped by query_id, seeded hash).
         test_fraction: share of queries for test, used only when the data has no official test split.
         split_seed: seed of the validation carve-out and of the shuffle before `max_examples`.
@@ -156,39 +144,27 @@ class ESCI(Task):
     shorten_column = "product_description"
 
     def __init__(
-        self,
-        source: str | None = None,
-        format: Format = "label",
-        locale: str | None = "us",
-        small_version: bool = True,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        split_seed: int = 0,
-        max_examples: dict[str, int] | None = None,
-        examples_file: str | None = None,
-        products_file: str | None = None,
-        description_budget: int = 500,
-        rationale_column: str | None = None,
-        rationale_file: str | None = None,
+        self, source: str | None = None, format: Format = "label", locale: str | None = "us", small_version: bool = True,
+        val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+        max_examples: dict[str, int] | None = None, examples_file: str | None = None, products_file: str | None = None,
+        description_budget: int = 500, rationale_column: str | None = None, rationale_file: str | None = None,
     ):
-        super().__init__(source or "", format, val_fraction, test_fraction, split_seed, max_examples)
+        super().__init__(source or examples_file or "", format, val_fraction, test_fraction, split_seed, max_examples)
         if source is None and not (examples_file and products_file):
             raise ValueError("esci needs `source`, or both `examples_file` and `products_file`")
         if bool(examples_file) != bool(products_file):
             raise ValueError("esci: give both `examples_file` and `products_file`, or neither")
-        if source and Path(source).expanduser().is_dir() and not examples_file:
-            folder = Path(source).expanduser()
-            if (folder / EXAMPLES_FILE).exists() or (folder / PRODUCTS_FILE).exists():
-                examples_file, products_file = str(folder / EXAMPLES_FILE), str(folder / PRODUCTS_FILE)
-        self.locale, self.small_version = locale, small_version
+        folder = Path(source or "").expanduser()
+        if source and not examples_file and ((folder / EXAMPLES_FILE).exists() or (folder / PRODUCTS_FILE).exists()):
+            examples_file, products_file = str(folder / EXAMPLES_FILE), str(folder / PRODUCTS_FILE)
+        self.locale, self.small_version, self.description_budget = locale, small_version, description_budget
         self.examples_file, self.products_file = examples_file, products_file
-        self.description_budget = description_budget
         self.rationale_column, self.rationale_file = rationale_column, rationale_file
         self.stats: dict[str, int] = {}
 
     # -- data ------------------------------------------------------------------------------------
     def load_splits(self) -> dict[str, list[dict]]:
-        self.stats = {}
+        self.stats = dict.fromkeys(STATS, 0)
         tables, where = self._official() if self.examples_file else self._joined()
         if "all" in tables:
             rows = tables.pop("all")
@@ -208,74 +184,66 @@ class ESCI(Task):
         splits = self.cap({s: sorted(rows, key=self._order) for s, rows in splits.items()})
         if self.format == "cot":
             self._attach_rationales(splits, where)
-        self.stats.update({s: len(rows) for s, rows in splits.items()})
+        self.stats.update({f"rows_{s}": len(rows) for s, rows in splits.items()})
         return splits
 
     def _official(self) -> tuple[dict[str, list[dict]], str]:
         """Join the official examples and products files on (product_locale, product_id)."""
-        need = EXAMPLE_COLUMNS + (("small_version",) if self.small_version else ())
+        need = EXAMPLE_COLUMNS + ("small_version",) * self.small_version
         examples = self._filter(_frame(self.examples_file, need), self.examples_file)
         products = _frame(self.products_file, PRODUCT_COLUMNS)
-        keep = [c for c in ("product_locale", "product_id", *PRODUCT_FIELDS) if c in products.columns]
-        products = products[keep]
+        products = products[[c for c in ("product_locale", "product_id", *PRODUCT_FIELDS) if c in products.columns]]
         if self.locale is not None:
             products = products[products["product_locale"] == self.locale]
         dup = products.duplicated(["product_locale", "product_id"])
+        self.stats["duplicate_products"] = int(dup.sum())
         if dup.any():
-            self.stats["duplicate_products"] = int(dup.sum())
-            log.warning("esci: %d duplicate (product_locale, product_id) in %s; kept the first", dup.sum(), self.products_file)
-            products = products[~dup]
+            log.warning("esci: %d duplicate products in %s; kept the first of each", dup.sum(), self.products_file)
         examples = examples.drop(columns=[c for c in PRODUCT_FIELDS if c in examples.columns])
-        joined = examples.merge(products, on=["product_locale", "product_id"], how="left", indicator=True)
+        joined = examples.merge(products[~dup], on=["product_locale", "product_id"], how="left", indicator=True)
         lost = joined["_merge"] != "both"
         self.stats["missing_products"] = int(lost.sum())
         if lost.any():
             log.warning("esci: dropped %d examples whose product is not in %s", lost.sum(), self.products_file)
-        rows = _records(joined[~lost].drop(columns="_merge"))
-        return {"all": [self._validate(r, self.examples_file) for r in rows]}, self.examples_file
+        return {"all": _records(joined[~lost].drop(columns="_merge"))}, self.examples_file
 
     def _joined(self) -> tuple[dict[str, list[dict]], str]:
         """Rows already joined: a local file, a folder of split files, or a hub data set id."""
         import pandas as pd
 
-        need = self.required_columns + (("product_locale",) if self.locale is not None else ()) + (
-            ("small_version",) if self.small_version else ()
-        )
+        need = self.required_columns + ("product_locale",) * (self.locale is not None)
+        need += ("small_version",) * self.small_version
         out = {}
         for split, rows in read_source(self.source).items():
             name = self.source if split == "all" else f"{self.source} [{split}]"
             frame = self._filter(_check(pd.DataFrame(rows), need, name), name)
-            out[split] = [self._validate(r, name) for r in _records(frame)]
+            out[split] = _records(frame)
         return out, self.source
 
     def _filter(self, frame, where: str):
-        """Keep the configured locale and small_version rows, counting what was dropped."""
-        self.stats["examples_read"] = self.stats.get("examples_read", 0) + len(frame)
+        """Keep the configured locale and small_version rows (counting the rest); check the labels."""
+        self.stats["examples_read"] += len(frame)
         if self.locale is not None:
             keep = frame["product_locale"] == self.locale
-            self.stats["dropped_locale"] = self.stats.get("dropped_locale", 0) + int((~keep).sum())
+            self.stats["dropped_locale"] += int((~keep).sum())
             frame = frame[keep]
         if self.small_version:
             keep = frame["small_version"].map(lambda v: str(v).strip().lower() in ("1", "1.0", "true"))
-            self.stats["dropped_not_small"] = self.stats.get("dropped_not_small", 0) + int((~keep).sum())
+            self.stats["dropped_not_small"] += int((~keep).sum())
             frame = frame[keep]
-        return frame
-
-    def _validate(self, row: dict, where: str) -> dict:
-        label = _LABEL_OF.get(str(row["esci_label"]).strip().upper())
-        if label is None:
-            raise DataError(where, f"esci_label {row['esci_label']!r} is not one of E, S, C, I", row=row["example_id"], column="esci_label")
-        row["esci_label"] = label
-        return row
+        labels = frame["esci_label"].map(lambda v: _LABEL_OF.get(str(v).strip().upper()))
+        if labels.isna().any():
+            bad = frame[labels.isna()].iloc[0]
+            message = f"esci_label {bad['esci_label']!r} is not one of E, S, C, I"
+            raise DataError(where, message, row=bad["example_id"], column="esci_label")
+        return frame.assign(esci_label=labels)
 
     def _check_ids(self, splits: dict[str, list[dict]], where: str) -> None:
         seen: dict = {}
-        for split, rows in splits.items():
-            for row in rows:
-                key = str(row["example_id"])
-                if key in seen:
-                    raise DataError(where, f"duplicate example_id (in {seen[key]} and {split})", row=key, column="example_id")
-                seen[key] = split
+        for split, key in ((s, str(r["example_id"])) for s, rows in splits.items() for r in rows):
+            if key in seen:
+                raise DataError(where, f"duplicate example_id (in {seen[key]} and {split})", row=key, column="example_id")
+            seen[key] = split
 
     def _order(self, row: Mapping) -> bytes:
         return hashlib.sha256(f"{self.split_seed}:{row['example_id']}".encode()).digest()
@@ -284,9 +252,7 @@ class ESCI(Task):
         column = self.rationale_column or "rationale"
         side = {}
         if self.rationale_file:
-            side_rows = read_file(self.rationale_file)
-            if side_rows:
-                _check_columns(side_rows[0].keys(), ("example_id", column), self.rationale_file)
+            side_rows = _records(_frame(self.rationale_file, ("example_id", column)))
             side = {str(r["example_id"]): r[column] for r in side_rows if not missing(r[column])}
         for split, rows in splits.items():
             for row in rows:
@@ -318,15 +284,16 @@ class ESCI(Task):
                     text = text[: max(0, budget - 1)].rstrip() + "…"
                 budget -= len(text)
                 lines.append(f"{label}: {text}")
-        return [{"role": "system", "content": SYSTEM + ANSWER_FORMAT[self.format]}, {"role": "user", "content": "\n".join(lines)}]
+        system = SYSTEM + ANSWER_FORMAT[self.format]
+        return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
 
     def target(self, row: Mapping) -> str:
         """`Answer: <Word>`; for "cot", `<rationale>\\nAnswer: <Word>`."""
         answer = f"Answer: {WORDS[LABELS.index(row['esci_label'])]}"
         if self.format == "label":
             return answer
-        if missing(row.get("rationale")):
-            raise DataError(self.source, "format 'cot' needs a rationale (see rationale_column / rationale_file)", row=row.get("example_id"), column="rationale")
+        if missing(row.get("rationale")):  # load_splits attaches them, or fails with the full story
+            raise DataError(self.source, "format 'cot' needs a rationale", row=row.get("example_id"), column="rationale")
         return f"{str(row['rationale']).strip()}\n{answer}"
 
     def shorten(self, row: Mapping, keep_fraction: float) -> dict:
@@ -338,34 +305,20 @@ class ESCI(Task):
     def metrics(self) -> MetricCollection:
         """`accuracy` (micro), `macro_f1`, `f1_E`..`f1_I`, `unparseable` (rate), `unparseable_count`."""
         return MetricCollection(
-            {"accuracy": MulticlassAccuracy(num_classes=INVALID + 1, average="micro"), "f1": ESCIScores(), "parse": Unparseable()},
+            {"accuracy": MulticlassAccuracy(num_classes=INVALID + 1, average="micro"), "scores": ESCIScores()},
             compute_groups=False,
         )
 
     def update_metrics(self, metrics: MetricCollection, generations: Sequence[str], rows: Sequence[Mapping]) -> None:
         if len(generations) != len(rows):
             raise ValueError(f"{len(generations)} generations for {len(rows)} rows")
-        preds = [extract_label(g) for g in generations]
-        preds = torch.tensor([INVALID if p is None else p for p in preds], dtype=torch.long)
+        preds = torch.tensor([INVALID if (p := extract_label(g)) is None else p for g in generations], dtype=torch.long)
         target = torch.tensor([LABELS.index(_LABEL_OF[str(r["esci_label"]).upper()]) for r in rows], dtype=torch.long)
         metrics.update(preds, target)
 
 
-def _check_columns(columns, need: Sequence[str], where: str) -> None:
-    for column in need:
-        if column not in columns:
-            raise DataError(str(where), "required column is missing", column=column)
-
-
-def _check(frame, need: Sequence[str], where: str):
-    if frame.empty:
-        raise DataError(str(where), "no rows")
-    _check_columns(frame.columns, need, where)
-    return frame
-
-
 def _frame(path: str, need: Sequence[str]):
-    """One official file as a DataFrame (parquet read column-wise, without a detour through dicts)."""
+    """One file as a checked DataFrame (parquet read directly, without a detour through dicts)."""
     import pandas as pd
 
     if Path(path).suffix.lower() == ".parquet" and Path(path).exists():
@@ -376,6 +329,16 @@ def _frame(path: str, need: Sequence[str]):
     else:
         frame = pd.DataFrame(read_file(path))
     return _check(frame, need, path)
+
+
+def _check(frame, need: Sequence[str], where: str):
+    """`frame`, once it has rows and every column in `need` (else a DataError naming file and column)."""
+    if len(frame) == 0:
+        raise DataError(str(where), "no rows")
+    for column in need:
+        if column not in frame.columns:
+            raise DataError(str(where), "required column is missing", column=column)
+    return frame
 
 
 def _records(frame) -> list[dict]:

@@ -103,6 +103,7 @@ def _round(x: float, ndigits: float = 0) -> float:
 
 
 _FUNCS = {"round": _round, "min": min, "max": max, "abs": abs, "sqrt": math.sqrt}
+_MODULES = ("math", "np", "numpy")  # math.sqrt(...) and np.sqrt(...) are the same allowed function
 _MAX_EXPR = 500
 
 
@@ -120,7 +121,7 @@ def _walk(node: ast.AST) -> float:
         return _UNARY[type(node.op)](_walk(node.operand))
     if isinstance(node, ast.Call) and not node.keywords and node.args:
         func = node.func
-        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("math", "np", "numpy"):
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in _MODULES:
             name = func.attr
         elif isinstance(func, ast.Name):
             name = func.id

@@ -1,0 +1,27 @@
+"""Export a Hugging Face directory at the end of training (for `talr average`, `talr evaluate`, the hub)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as L
+
+log = logging.getLogger(__name__)
+
+
+class ExportHF(L.Callback):
+    """After `fit`, write `save_pretrained` output (safetensors + tokenizer) to `dirpath`
+    (default `<log_dir>/hf`). LoRA writes the merged model there and the adapter in `adapter/`."""
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+        self.path: Path | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        root = trainer.log_dir or trainer.default_root_dir
+        self.path = Path(self.dirpath or Path(root) / "hf")
+        if trainer.is_global_zero:
+            pl_module.export_hf(self.path)
+            log.info("exported the fine-tuned model to %s", self.path)
+        trainer.strategy.barrier()

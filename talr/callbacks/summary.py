@@ -1,0 +1,76 @@
+"""One summary file per run: config, domain and general metrics before/after, drift, tokens, time, versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import lightning.pytorch as L
+
+log = logging.getLogger(__name__)
+PACKAGES = ("talr", "torch", "lightning", "transformers", "peft", "lm_eval")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class RunSummary(L.Callback):
+    """Writes `<log_dir>/summary.json` after fit (and updates it after test) and prints before → after.
+
+    Keys: method, hparams, data (row and over-long counts), baseline (`val/*` before training), final
+    (last `val/*`, `test/*`, `general/*`, `drift/*` values), tokens_seen, optimizer steps, wall time, versions.
+    `talr report` collates these files into the paper's tables.
+    """
+
+    def __init__(self, filename: str = "summary.json"):
+        self.filename = filename
+        self.t0 = time.time()
+        self.summary: dict = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.t0 = time.time()
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        final = {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test", "general", "drift")}
+        self.summary.update({
+            "method": type(pl_module).__name__,
+            "hparams": {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
+            "data": dict(getattr(trainer.datamodule, "stats", {})),
+            "baseline": dict(getattr(pl_module, "baseline", {})),
+            "general_baseline": dict(getattr(pl_module, "general_baseline", {})),
+            "final": {**self.summary.get("final", {}), **final},
+            "tokens_seen": getattr(pl_module, "tokens_seen", 0),
+            "optimizer_steps": trainer.global_step,
+            "skipped_steps": getattr(pl_module, "skipped_steps", 0),
+            f"wall_time_s/{stage}": round(time.time() - self.t0, 1),
+            "versions": package_versions(),
+        })
+        if not trainer.is_global_zero:
+            return
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
+        tmp.replace(path)
+        before, after = self.summary["baseline"], self.summary["final"]
+        lines = [f"{k:<24} {before.get(k, float('nan')):>10.4f} -> {after[k]:.4f}" for k in sorted(after) if k in before]
+        print(f"\n== talr {stage} summary ({path}) ==\n" + "\n".join(lines)
+              + f"\nwall time {self.summary[f'wall_time_s/{stage}']:.0f} s, {self.summary['tokens_seen']} tokens, "
+              f"{trainer.global_step} optimizer steps")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "fit")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "test")

@@ -1,0 +1,162 @@
+"""Lightning callback: general-capability evaluation (IFEval, GSM8K, HumanEval) during fine-tuning.
+
+Evaluates `pl_module.model` with `pl_module.tokenizer` through `talr.general.evaluate_general` before
+the first step (the baseline), every `every_n_epochs` epochs and/or `every_n_steps` optimizer steps,
+and after training; logs `general/<task>/<metric>` and `general/score` to every logger at the current
+global step and puts them in `trainer.callback_metrics` (so `ModelCheckpoint(monitor="general/score")`
+works).
+
+Several processes: only global rank 0 evaluates; the others wait at a barrier and then receive the
+numbers by broadcast, so every rank logs and monitors the same values. Rank 0 must hold the full
+model: true for DDP and single-device runs. With FSDP the parameters are sharded and a full state dict
+would have to be gathered first; that is not implemented, and the callback raises NotImplementedError
+(evaluate a saved checkpoint with `python -m talr evaluate` instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
+from talr.general.lm_tasks import PAPER_TASKS
+
+log = logging.getLogger(__name__)
+
+
+def log_to_loggers(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write metrics to every logger at `step` (rank 0 only) and expose them to other callbacks."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+
+
+def model_and_tokenizer(pl_module: LightningModule):
+    model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
+    if model is None or tokenizer is None:
+        raise AttributeError(
+            f"{type(pl_module).__name__} must have `model` (a transformers causal LM) and `tokenizer` "
+            "attributes set before training starts"
+        )
+    return model, tokenizer
+
+
+class GeneralEvalCallback(Callback):
+    """Evaluate general capability (the paper's IFEval / GSM8K / HumanEval score) while training.
+
+    Args:
+        tasks: lm-eval task names; the paper's three by default. "humaneval" needs
+            `allow_code_execution=True` (it runs model-written code).
+        limit: documents per task (first N); None = the full benchmarks (slow on CPU).
+        every_n_epochs: evaluate after every n-th training epoch; None/0 = never per epoch.
+        every_n_steps: evaluate every n optimizer steps; None/0 = never per step.
+        at_start: baseline before the first update (skipped when resuming at global_step > 0).
+        at_end: evaluate when training ends (unless this step was just evaluated).
+        apply_chat_template: use the tokenizer's chat template (when it has one).
+        data_dir: local benchmark data (layout in talr.general.lm_tasks); None = Hugging Face hub.
+        allow_code_execution: opt in to HumanEval's code execution.
+        batch_size: generation batch size.
+        max_gen_toks: cap generated tokens per answer (None: each task's own); for quick checks only.
+        seed: evaluation seeds (None: lm-eval's defaults); global RNG states are restored after.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str] = PAPER_TASKS,
+        limit: int | None = None,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        at_start: bool = True,
+        at_end: bool = True,
+        apply_chat_template: bool = True,
+        data_dir: str | None = None,
+        allow_code_execution: bool = False,
+        batch_size: int = 8,
+        max_gen_toks: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        if "humaneval" in self.tasks and not allow_code_execution:
+            raise PermissionError(CODE_EXECUTION_HELP)
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        self.limit = limit
+        self.every_n_epochs = every_n_epochs or 0
+        self.every_n_steps = every_n_steps or 0
+        self.at_start, self.at_end = at_start, at_end
+        self.apply_chat_template = apply_chat_template
+        self.data_dir = str(Path(data_dir).expanduser()) if data_dir is not None else None
+        self.allow_code_execution = allow_code_execution
+        self.batch_size, self.max_gen_toks, self.seed = batch_size, max_gen_toks, seed
+        self.last_step: int | None = None  # global step of the last evaluation
+        self.history: list[dict[str, Any]] = []  # {"step", "epoch", "when", "metrics"} per evaluation
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0:
+            self.evaluate(trainer, pl_module, "start")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module, "step")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            if trainer.global_step != self.last_step:
+                self.evaluate(trainer, pl_module, "epoch")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_end and trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module, "end")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict.get("last_step")
+        self.history = list(state_dict.get("history", []))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def run_eval(self, model, tokenizer) -> dict[str, Any]:
+        return evaluate_general(
+            model, tokenizer, tasks=self.tasks, limit=self.limit, apply_chat_template=self.apply_chat_template,
+            batch_size=self.batch_size, max_gen_toks=self.max_gen_toks, data_dir=self.data_dir,
+            allow_code_execution=self.allow_code_execution, seed=self.seed,
+        )
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, when: str) -> dict[str, float]:
+        """Evaluate on rank 0, share the numbers with every rank, log them at the current step."""
+        payload: dict[str, Any] = {}
+        error: Exception | None = None
+        if trainer.is_global_zero:
+            try:
+                model, tokenizer = model_and_tokenizer(pl_module)
+                result = self.run_eval(model, tokenizer)
+                payload = {"metrics": {**flat_metrics(result), "general/eval_seconds": result["wall_time_s"]}}
+            except Exception as err:  # other ranks must not hang at the barrier
+                error, payload = err, {"error": f"{type(err).__name__}: {err}"}
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("talr_general_eval")
+            payload = trainer.strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise error
+        if "error" in payload:
+            raise RuntimeError(f"general evaluation failed on rank 0: {payload['error']}")
+        metrics = payload["metrics"]
+        step = trainer.global_step
+        log_to_loggers(trainer, metrics, step)
+        self.last_step = step
+        self.history.append({"step": step, "epoch": trainer.current_epoch, "when": when, "metrics": metrics})
+        if trainer.is_global_zero:
+            shown = {k: v for k, v in metrics.items() if k == "general/score" or k.count("/") == 2}
+            log.info("general eval (%s, step %d): %s", when, step,
+                     ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+        return metrics

