@@ -154,3 +154,17 @@ def test_cli_writes_results_json(tiny_model_dir, tmp_path, capsys):
     assert result["settings"]["model"] == str(tiny_model_dir) and result["settings"]["device"] == "cpu"
     assert result["versions"]["tasks"] == {"ifeval": 4.0}
     assert "prompt_level_strict_acc" in capsys.readouterr().out
+
+
+def test_sharded_model_is_refused(tokenizer, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_tiny_model(tokenizer, seed=4)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        fully_shard(model)  # FSDP2: parameters become DTensors
+        with pytest.raises(NotImplementedError, match="sharded"):
+            evaluate_general(model, tokenizer, tasks=["gsm8k"], limit=1, data_dir=require(SHARED_DATA))
+    finally:
+        dist.destroy_process_group()
