@@ -41,3 +41,28 @@ def read_metrics(tmp_path: Path) -> list[dict]:
 
 def series(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+import os as _os
+import signal as _signal
+
+import lightning.pytorch as _L
+
+
+class SigtermAt(_L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not getattr(self, "sent", False):
+            self.sent = True
+            _os.kill(_os.getpid(), _signal.SIGTERM)  # arrives mid-step, like a real preemption
+
+
+class HardKillAt(_L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            _os._exit(137)  # no cleanup, no checkpoint: like SIGKILL / OOM killer

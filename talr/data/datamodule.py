@@ -46,6 +46,50 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([i for b in batches for i in b])
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader with Lightning's `state_dict`/`load_state_dict` protocol: a checkpoint records how many
+    batches of the current epoch were consumed, and after loading, the next pass skips them. Together
+    with per-epoch seeded sampling this makes a mid-epoch resume see exactly the remaining batches."""
+
+    def __init__(self, *args, position_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position_fn = position_fn  # () -> (epoch, batches consumed in that epoch)
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict:
+        epoch, consumed = self._position_fn() if self._position_fn else (0, 0)
+        return {"epoch": int(epoch), "consumed": int(consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state.get("epoch", 0)), int(state.get("consumed", 0)))
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        resume, self._resume = self._resume, None
+        # skip only inside the epoch the checkpoint was taken in, and not if that epoch had finished
+        if resume and resume[0] == getattr(self.sampler, "epoch", 0) and resume[1] < len(self):
+            for _ in range(resume[1]):
+                next(iterator, None)
+        return iterator
+
+
 class DomainDataModule(L.LightningDataModule):
     """Rows of a domain task, rendered with the tokenizer's chat template, with completion-only labels.
 
@@ -117,14 +161,20 @@ class DomainDataModule(L.LightningDataModule):
             raise DataError(self.task.source, f"split {split!r} is empty")
         pad_id = self.tokenizer.pad_token_id
         if train:
-            sampler = None
             if self.group_by_length:
                 sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], self.batch_size, self.seed)
-            generator = torch.Generator().manual_seed(self.seed)
-            return DataLoader(examples, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, collate_fn=Collator(pad_id), num_workers=self.num_workers)
+            else:
+                sampler = EpochShuffleSampler(len(examples), self.seed)
+            return ResumableLoader(examples, batch_size=self.batch_size, sampler=sampler, collate_fn=Collator(pad_id),
+                                   num_workers=self.num_workers, position_fn=self._train_position)
         return DataLoader(examples, batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=Collator(pad_id, with_prompts=True), num_workers=self.num_workers)
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, training batches processed in it): what a checkpoint taken now has seen."""
+        if self.trainer is None:
+            return 0, 0
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -1,0 +1,109 @@
+"""Share of supervised training tokens the model already predicts well, per epoch (the paper's Figure 3c).
+
+The share is computed from the training step's own per-token losses, so it costs nothing extra: the module
+leaves them in `pl_module._last_token_stats` and this callback reads that attribute after every micro-batch.
+Required in `SFT.training_step`, right after `token_losses, mask = self.token_losses(batch)`:
+
+    self._last_token_stats = (token_losses.detach(), mask)   # read by talr.callbacks.HardTokenShare
+
+(a pair of (B, T) tensors: per-token NLL and the supervised mask; p_i > t  <=>  ℓ_i < −log t). A pair of
+scalars `(n_tokens_with_p_above_threshold, n_tokens)` is accepted too; it must then have been counted at this
+callback's threshold. Counts stay on the device and are all-reduced once per epoch (every micro-batch, every
+rank). A module without the attribute makes the callback warn once and log nothing.
+
+Logged per epoch (to every logger, at the current global step, and into `trainer.callback_metrics`):
+`train/token_share_p_gt_<threshold>`; the history is also written to `<log_dir>/token_share.json`,
+which `notebooks/figure3_tokens.ipynb` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+log = logging.getLogger(__name__)
+
+
+class HardTokenShare(Callback):
+    """Per-epoch share of supervised training tokens with p > `threshold` under the model being trained.
+
+    Args:
+        threshold: probability threshold (the paper's hard tokens are those below 0.2).
+        filename: JSON history written to the run's log dir on rank 0 (None: do not write).
+    """
+
+    def __init__(self, threshold: float = 0.2, filename: str | None = "token_share.json"):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.threshold = threshold
+        self.filename = filename
+        self.metric = f"train/token_share_p_gt_{threshold:g}"
+        self.history: list[dict] = []
+        self._above: torch.Tensor | None = None
+        self._total: torch.Tensor | None = None
+        self._warned = False
+
+    def _counts(self, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = stats
+        first, second = torch.as_tensor(first), torch.as_tensor(second)
+        if first.dim() == 0:  # already counted by the module
+            return first.double(), second.double()
+        mask = second.bool()
+        above = (first < -math.log(self.threshold)) & mask
+        return above.sum().double(), mask.sum().double()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._above = self._total = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = getattr(pl_module, "_last_token_stats", None)
+        if stats is None:
+            if not self._warned:
+                log.warning("HardTokenShare: %s sets no `_last_token_stats`; nothing is logged (see the "
+                            "talr.callbacks.token_share docstring)", type(pl_module).__name__)
+                self._warned = True
+            return
+        above, total = self._counts(stats)
+        if self._above is None:
+            self._above, self._total = above.clone(), total.clone()
+        else:
+            self._above += above.to(self._above.device)
+            self._total += total.to(self._total.device)
+        pl_module._last_token_stats = None  # count each micro-batch once
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._above is None:
+            return
+        counts = torch.stack([self._above, self._total]).to(pl_module.device)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        above, total = float(counts[0]), float(counts[1])
+        share = above / total if total else float("nan")
+        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, "share": share, "n_tokens": int(total)}
+        self.history.append(entry)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({self.metric: share}, step=trainer.global_step)
+            self._write(trainer)
+        trainer.callback_metrics[self.metric] = torch.tensor(share)
+        log.info("epoch %d: %.1f%% of %d supervised tokens have p > %g", entry["epoch"], 100 * share,
+                 entry["n_tokens"], self.threshold)
+
+    def _write(self, trainer) -> None:
+        if not self.filename:
+            return
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"threshold": self.threshold, "metric": self.metric, "history": self.history},
+                                   indent=2) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))

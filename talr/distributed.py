@@ -1,0 +1,139 @@
+"""FSDP2 sharding of a Hugging Face causal LM for Lightning's `ModelParallelStrategy`.
+
+`shard_model(model, device_mesh)` applies `torch.distributed.fsdp.fully_shard` to every decoder layer
+(found by class name; default: the model's `_no_split_modules`) and then to the root, on the
+data-parallel sub-mesh. Parameters become DTensors sharded on dim 0; the root group holds the
+embeddings, the final norm and the output layer (tied or not), and keeps them unsharded from its
+forward until its backward, so the chunked loss can read `get_output_embeddings().weight` after
+`model(...)` (see `talr.ops.causal_lm_token_losses`).
+
+Gradients are reduce-scattered as averages over the data-parallel group (like DDP), which is what
+`SFT.on_before_optimizer_step`'s `accumulate · world_size / N` rescaling expects when the mesh is
+pure data parallel (`tensor_parallel_size=1`; tensor parallelism is not supported here).
+
+Usage in a LightningModule (the `ModelParallelStrategy` sets `self.device_mesh` before `configure_model`):
+
+    def configure_model(self):
+        ...build self.model...
+        if self.device_mesh is not None:
+            shard_model(self.model, self.device_mesh, mixed_precision="bf16")
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded"]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (`PeftModel.get_base_model()`), else `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def data_parallel_mesh(device_mesh):
+    """The 1-D data-parallel sub-mesh: `mesh["data_parallel"]` when named so, else the mesh itself."""
+    names = getattr(device_mesh, "mesh_dim_names", None) or ()
+    if "data_parallel" in names:
+        if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+            raise NotImplementedError("shard_model supports data parallelism only (tensor_parallel_size=1)")
+        return device_mesh["data_parallel"]
+    if device_mesh.ndim != 1:
+        raise ValueError(f"expected a 1-D mesh or one with a 'data_parallel' dimension, got {names or device_mesh.ndim}")
+    return device_mesh
+
+
+def decoder_layers(model: nn.Module, layer_class_names: Iterable[str] | None = None) -> list[nn.Module]:
+    """Modules whose class name is in `layer_class_names` (default: the model's `_no_split_modules`),
+    outermost first; a matching module inside a matching module is not listed twice."""
+    names = set(layer_class_names or getattr(_base(model), "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"{type(_base(model)).__name__} has no _no_split_modules; pass layer_class_names")
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or type(module).__name__ not in names:
+            continue
+        found.append(module)
+        inside.update(id(m) for m in module.modules())
+    if not found:
+        raise ValueError(f"no module of class {sorted(names)} in {type(model).__name__}")
+    return found
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _enable_activation_checkpointing(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """Transformers' own per-layer checkpointing (non-reentrant; parameter names unchanged) when the model
+    has it, else `checkpoint_wrapper` around each layer (names gain `_checkpoint_wrapped_module.`)."""
+    base = _base(model)
+    if getattr(base, "supports_gradient_checkpointing", False):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(base, "config", None) is not None:
+            base.config.use_cache = False
+        return layers
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+    )
+
+    targets = {id(m) for m in layers}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in targets)
+    return [m for m in model.modules() if isinstance(m, CheckpointWrapper) and id(m._checkpoint_wrapped_module) in targets]
+
+
+def shard_model(
+    model: nn.Module,
+    device_mesh,
+    layer_class_names: list[str] | None = None,
+    activation_checkpointing: bool = False,
+    mixed_precision: str | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard `model` in place with FSDP2 (`fully_shard`) on the data-parallel sub-mesh; returns it.
+
+    Args:
+        model: a transformers causal LM or a peft wrapper of one, on its target device (or meta).
+        device_mesh: Lightning's `self.device_mesh` (dims `data_parallel`, `tensor_parallel`) or a 1-D mesh.
+        layer_class_names: classes sharded as their own unit (default: `model._no_split_modules`,
+            e.g. `LlamaDecoderLayer`).
+        activation_checkpointing: recompute each layer's activations in backward.
+        mixed_precision: `bf16`/`fp16`: all-gather and compute in that dtype, reduce gradients in fp32,
+            keep fp32 sharded parameters and optimizer states. None: compute in the parameters' dtype.
+            (Use it with Trainer precision `32-true`; `bf16-mixed` autocasts instead.)
+        reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3; False
+            keeps them until backward, ZeRO-2-like: less communication, more memory).
+    Idempotent: an already sharded model is returned unchanged.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if is_sharded(model):
+        return model
+    mesh = data_parallel_mesh(device_mesh)
+    if mixed_precision is None:
+        mp = MixedPrecisionPolicy()
+    elif mixed_precision in MIXED_PRECISION:
+        mp = MixedPrecisionPolicy(param_dtype=MIXED_PRECISION[mixed_precision], reduce_dtype=torch.float32)
+    else:
+        raise ValueError(f"mixed_precision must be None or one of {sorted(MIXED_PRECISION)}, got {mixed_precision!r}")
+    layers = decoder_layers(model, layer_class_names)
+    if activation_checkpointing:
+        layers = _enable_activation_checkpointing(model, layers)  # the wrappers, when wrapped
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    log.info("FSDP2: %d %s units + root on a %d-way data-parallel mesh", len(layers),
+             "/".join(sorted({type(m).__name__ for m in layers})), mesh.size())
+    return model

@@ -1,0 +1,54 @@
+"""The numbers the paper reports (Lin et al., "SFT Doesn't Always Hurt General Capabilities", arXiv 2509.20758),
+as data, so `talr report` and the figure notebooks can put them beside ours.
+
+Only what DESIGN.md §1 records is here: MedCalc-Bench, domain score / general score (both in [0, 1]),
+the mean over the paper's four models at LR 1e-6 and 5e-6, and two models' SFT and TALR at 1e-6.
+ESCI tables, per-benchmark (IFEval / GSM8K / HumanEval) numbers and the 2e-5 results were not published in
+what we could read, and the supervision format of these numbers is not stated there either, so lookups
+ignore the format. "–" cells of the paper's table are simply absent.
+"""
+
+from __future__ import annotations
+
+SOURCE = "Lin et al., SFT Doesn't Always Hurt General Capabilities (arXiv 2509.20758), as recorded in DESIGN.md §1"
+MEAN = "mean"  # the `model` of a number averaged over the paper's models
+MODELS = ("Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct", "Qwen3-4B", "gemma-3-4b-it")
+METHOD_NAMES = {"sft": "SFT", "l2": "L2", "lora": "LoRA", "wiseft": "WiSE-FT", "flow": "FLOW", "talr": "TALR"}
+
+# (domain, model, method, lr) -> (domain score, general score)
+REPORTED: dict[tuple[str, str, str, float], tuple[float, float]] = {
+    ("medcalc", MEAN, "sft", 1e-6): (0.534, 0.692),
+    ("medcalc", MEAN, "l2", 1e-6): (0.506, 0.697),
+    ("medcalc", MEAN, "lora", 1e-6): (0.181, 0.490),
+    ("medcalc", MEAN, "wiseft", 1e-6): (0.198, 0.727),
+    ("medcalc", MEAN, "flow", 1e-6): (0.469, 0.692),
+    ("medcalc", MEAN, "talr", 1e-6): (0.501, 0.717),
+    ("medcalc", MEAN, "sft", 5e-6): (0.558, 0.381),
+    ("medcalc", MEAN, "l2", 5e-6): (0.555, 0.395),
+    ("medcalc", MEAN, "flow", 5e-6): (0.553, 0.450),
+    ("medcalc", MEAN, "talr", 5e-6): (0.542, 0.502),
+    ("medcalc", "Qwen2.5-3B-Instruct", "sft", 1e-6): (0.495, 0.620),
+    ("medcalc", "Qwen2.5-3B-Instruct", "talr", 1e-6): (0.481, 0.648),
+    ("medcalc", "Qwen3-4B", "sft", 1e-6): (0.548, 0.784),
+    ("medcalc", "Qwen3-4B", "talr", 1e-6): (0.489, 0.788),
+}
+
+
+def same_lr(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+
+
+def lookup(domain: str, model: str, method: str, lr: float) -> tuple[float, float] | None:
+    """(domain, general) the paper reports for this cell, or None. `model` is a folder name such as
+    "Qwen3-4B" (a hub id "Qwen/Qwen3-4B" works too) or MEAN."""
+    model = model.rsplit("/", 1)[-1]
+    for (d, m, meth, r), value in REPORTED.items():
+        if d == domain and m == model and meth == method and same_lr(r, lr):
+            return value
+    return None
+
+
+def rows() -> list[dict]:
+    """The reported numbers as flat records (for tables and plots)."""
+    return [{"domain": d, "model": m, "method": meth, "lr": r, "domain_score": v[0], "general_score": v[1]}
+            for (d, m, meth, r), v in REPORTED.items()]
