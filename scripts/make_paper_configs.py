@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write (or check) every config of the paper reproduction from one base per domain.
 
-    python scripts/make_paper_configs.py           # (re)write configs/paper/<domain>/<format>/<model>/<method>_lr<lr>.yaml
+    python scripts/make_paper_configs.py           # (re)write configs/paper/<domain>/<format>/<model>/*.yaml
     python scripts/make_paper_configs.py --check   # exit 1 if a committed file differs, is missing or is stale
 
 Grid: domain (medcalc, esci) x format (cot, label) x model (4) x method (sft, l2, lora, wiseft, flow, talr)
@@ -106,7 +106,8 @@ def header(domain: str, fmt: str, model: str, method: str, lr: str) -> str:
             f"Step 1 trains SFT (model and data identical to sft_lr{lr}.yaml, same run directory: skip it",
             "if that run exists); steps 2-4 average, then score the averaged model on the domain and general skill.",
             f"  1. python -m talr fit --config {path}",
-            f"  2. python -m talr average --init {hub} --finetuned {sft}/hf --alphas {WISEFT_ALPHA} --output-dir {wise}",
+            f"  2. python -m talr average --init {hub} --finetuned {sft}/hf --alphas {WISEFT_ALPHA}"
+            f" --output-dir {wise}",
             f"  3. python -m talr test --config {path} --model.init_args.pretrained {avg}"
             f" --trainer.logger.init_args.save_dir {avg}",
             f"  4. python -m talr evaluate --model {avg} --tasks ifeval,gsm8k,humaneval --allow-code-execution"
@@ -146,6 +147,8 @@ def build(base: dict, method_cfg: dict, domain: str, fmt: str, model: str, metho
     task["format"] = fmt
     if domain == "esci" and fmt == "cot":
         task["rationale_file"] = ESCI_RATIONALES
+    if model == "Qwen3-4B":  # non-thinking mode: thinking would spend the generation budget before the answer
+        cfg["data"]["chat_template_kwargs"] = {"enable_thinking": False}
     return cfg
 
 

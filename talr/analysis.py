@@ -55,7 +55,8 @@ def token_nll(model, examples: list[dict], pad_id: int, batch_size: int, device,
     for start in tqdm(range(0, len(order), batch_size), desc="token probabilities", disable=not progress):
         idx = order[start: start + batch_size]
         batch = collate([{**examples[i], "index": i} for i in idx])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits
         labels = batch["labels"][:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels.clamp_min(0),
                                                    reduction="none")
@@ -152,7 +153,8 @@ def analyze(model, tokenizer, task, split: str = "train", max_length: int = 2048
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="talr analyze", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="hub id, local directory, .gguf file or builtin:SmolLM2-135M-Instruct")
+    p.add_argument("--model", required=True,
+                   help="hub id, local directory, .gguf file or builtin:SmolLM2-135M-Instruct")
     p.add_argument("--tokenizer", default=None, help="default: the model's")
     p.add_argument("--task", choices=["medcalc", "esci"], default="medcalc")
     p.add_argument("--source", default="synthetic", help="the task's data source (hub id, path, or synthetic)")
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['n_examples']} examples, {result['n_tokens']} supervised tokens; median p {result['median_p']:.3f}; "
+    print(f"{result['n_examples']} examples, {result['n_tokens']} supervised tokens; "
+          f"median p {result['median_p']:.3f}; "
           + ", ".join(f"p<{t}: {s:.1%}" for t, s in result["share_below"].items()))
     print("\n".join(f"- {line}" for line in result["advice"]))
     print(f"wrote {out}")

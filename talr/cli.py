@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         args=None if from_command_line else argv,
-        parser_kwargs={"env_prefix": "TALR", "default_env": False},
+        parser_kwargs={"env_prefix": "TALR", "default_env": False, "allow_abbrev": False},
     )
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 MIXED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded"]
+__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded", "full_state_dict"]
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -114,26 +114,39 @@ def shard_model(
             keep fp32 sharded parameters and optimizer states. None: compute in the parameters' dtype.
             (Use it with Trainer precision `32-true`; `bf16-mixed` autocasts instead.)
         reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3; False
-            keeps them until backward, ZeRO-2-like: less communication, more memory).
+            keeps them until backward, ZeRO-2-like: less communication, more memory). The root group
+            always stays gathered between its forward and backward.
     Idempotent: an already sharded model is returned unchanged.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if is_sharded(model):
         return model
-    mesh = data_parallel_mesh(device_mesh)
     if mixed_precision is None:
         mp = MixedPrecisionPolicy()
     elif mixed_precision in MIXED_PRECISION:
         mp = MixedPrecisionPolicy(param_dtype=MIXED_PRECISION[mixed_precision], reduce_dtype=torch.float32)
     else:
         raise ValueError(f"mixed_precision must be None or one of {sorted(MIXED_PRECISION)}, got {mixed_precision!r}")
+    mesh = data_parallel_mesh(device_mesh)
     layers = decoder_layers(model, layer_class_names)
     if activation_checkpointing:
         layers = _enable_activation_checkpointing(model, layers)  # the wrappers, when wrapped
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    # The root (embeddings, final norm, output layer) stays gathered from its forward to its backward, FSDP2's
+    # default for roots: the loss reads the output weight right after `model(...)`, and backward needs it next.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     log.info("FSDP2: %d %s units + root on a %d-way data-parallel mesh", len(layers),
              "/".join(sorted({type(m).__name__ for m in layers})), mesh.size())
     return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (a collective: call it on every rank), e.g. for
+    `model.save_pretrained(path, state_dict=full_state_dict(model))` on rank 0. Plain models: their own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -36,7 +36,8 @@ TASK_DOMAIN = {"MedCalc": "medcalc", "ESCI": "esci"}
 METHOD_ORDER = ("sft", "l2", "lora", "wiseft", "flow", "talr", "talr_tau1", "dft")
 RUN_DIR = re.compile(r"^(?P<method>[a-z0-9_]+?)_lr(?P<lr>\d[\d.]*e-?\d+)$")
 ALPHA_DIR = re.compile(r"^alpha_(?P<alpha>\d[\d.]*)$")
-WANDB_NAME = re.compile(r"^(?P<domain>[a-z]+)-(?P<format>cot|label)-(?P<model>.+)-(?P<method>[a-z0-9_]+)-lr(?P<lr>[\d.e+-]+)$")
+WANDB_NAME = re.compile(r"^(?P<domain>[a-z]+)-(?P<format>cot|label)-(?P<model>.+)-(?P<method>[a-z0-9_]+)"
+                        r"-lr(?P<lr>[\d.e+-]+)$")
 KEY = ("domain", "format", "model", "method", "lr", "alpha")
 COLUMNS = ["domain_score", "domain_metric", "general_score", *GENERAL, "drift", "baseline_domain", "baseline_general"]
 
@@ -276,7 +277,7 @@ def paper_style(means: list[dict], domain: str, fmt: str) -> str:
     """The DESIGN.md §1 layout: rows LR, columns methods, cells 'domain / general (paper: d / g)'."""
     members = [r for r in means if (r["domain"], r["format"]) == (domain, fmt)]
     methods = sorted({r["method"] for r in members}, key=lambda m: _order({"method": m}))
-    lines = [f"| {domain} {fmt} | " + " | ".join(paper_numbers.METHOD_NAMES.get(m, m) for m in methods) + " |",
+    lines = [f"| {domain} {fmt} | " + " | ".join(paper_numbers.METHOD_NAMES.get(m, str(m)) for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     for lr in sorted({r["lr"] for r in members if r["lr"] is not None}):
         cells = []
@@ -315,7 +316,7 @@ def pareto_plot(means: list[dict], out: Path, paper: bool = True) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["domain"], r["format"]) for r in means})
+    panels = sorted({(r["domain"], r["format"]) for r in means}, key=str)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (domain, fmt) in zip(axes[0], panels):
@@ -326,7 +327,7 @@ def pareto_plot(means: list[dict], out: Path, paper: bool = True) -> list[Path]:
             pts = [r for r in members if r["method"] == method]
             ax.scatter([r["domain_score"] for r in pts], [r["general_score"] for r in pts], s=60,
                        marker=MARKERS.get(method, "o"), color=colors[k % len(colors)],
-                       label=paper_numbers.METHOD_NAMES.get(method, method))
+                       label=paper_numbers.METHOD_NAMES.get(method, str(method)))
             for r in pts:
                 ax.annotate(fmt_lr(r["lr"]), (r["domain_score"], r["general_score"]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")

@@ -66,3 +66,20 @@ class HardKillAt(_L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             _os._exit(137)  # no cleanup, no checkpoint: like SIGKILL / OOM killer
+
+
+from talr.methods import SFT as _SFT  # noqa: E402
+
+
+class NaNAtStep(_SFT):
+    """SFT whose loss is NaN at one optimizer step (to test the non-finite policy)."""
+
+    def __init__(self, *args, nan_step: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_step = nan_step
+
+    def token_losses(self, batch):
+        losses, mask = super().token_losses(batch)
+        if self.global_step == self.nan_step:
+            losses = losses * float("nan")
+        return losses, mask

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from talr.data.datamodule import DomainDataModule
-from talr.distributed import shard_model
+from talr.distributed import full_state_dict, shard_model
 from talr.methods import FLOW, SFT, TALR, L2Init
 from talr.ops import causal_lm_token_losses
 from talr.tasks.medcalc import MedCalc
@@ -136,8 +136,8 @@ def assert_same(a: dict, b: dict, what: str):
         torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
 
 
-@pytest.mark.parametrize("chunk", [0, 16], ids=["plain", "chunked"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,chunk", [("sft", 0), ("talr", 0), ("flow", 0), ("l2", 0), ("talr", 16), ("flow", 16)],
+                         ids=["sft", "talr", "flow", "l2", "talr-chunked", "flow-chunked"])
 def test_sharded_equals_unsharded(tmp_path, tiny_model_dir, case, chunk):
     single = unsharded(tmp_path, tiny_model_dir, case, chunk)
     fsdp = sharded(tmp_path, tiny_model_dir, case, chunk)
@@ -146,3 +146,129 @@ def test_sharded_equals_unsharded(tmp_path, tiny_model_dir, case, chunk):
     assert_same(fsdp["grads"], single["grads"], "grad")
     assert_same(fsdp["weights"], single["weights"], "updated weight")
     assert any(float(g.abs().max()) > 0 for g in single["grads"].values())  # so the weights moved by LR·grad
+
+
+# --- shard_model options, without Lightning -----------------------------------------------------------
+
+def _batch():
+    """4 sequences with unequal prompt, response and padding lengths; rank r gets sequences 2r, 2r+1."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (4, 24), generator=g)
+    attn = torch.ones_like(ids)
+    labels = ids.clone()
+    for i, (prompt, length) in enumerate([(5, 24), (9, 14), (3, 20), (11, 17)]):
+        attn[i, length:] = 0
+        labels[i, :prompt] = -100
+        labels[i, length:] = -100
+    return ids, attn, labels
+
+
+def _talr_step_grads(model, ids, attn, labels, sync):
+    """d(Σ w ℓ / N)/dθ with TALR weights (dynamic τ, simplex) and the global N; FSDP averages over ranks,
+    so the sharded gradient is rescaled by world_size like `SFT.on_before_optimizer_step` does."""
+    from talr.losses import talr_weights, weighted_token_loss_sum
+
+    losses, mask = causal_lm_token_losses(model, ids, attn, labels, chunk_size=8)
+    weights = talr_weights(losses.detach(), mask, sync=sync)
+    n = mask.sum().double()
+    world = dist.get_world_size() if sync else 1
+    if sync:
+        dist.all_reduce(n)
+    weighted_token_loss_sum(losses, mask, weights).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:  # frozen (LoRA's base)
+            continue
+        grads[name.replace("_checkpoint_wrapped_module.", "")] = _full(p.grad) * (world / float(n))
+    return grads
+
+
+def _options_worker(rank: int, init_file: str, model_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        ids, attn, labels = _batch()
+        mine = slice(2 * rank, 2 * rank + 2)
+        load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()  # noqa: E731
+        ref = _talr_step_grads(load(), ids, attn, labels, sync=False)
+
+        def check(model, rtol=2e-4, atol=1e-6, ref=ref):
+            got = _talr_step_grads(model, ids[mine], attn[mine], labels[mine], sync=True)
+            assert got.keys() == ref.keys()
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+        # activation checkpointing (transformers' own, non-reentrant), layers resharded after forward
+        model = shard_model(load(), mesh, activation_checkpointing=True)
+        assert model.model.gradient_checkpointing and model.model.layers[0].gradient_checkpointing
+        assert shard_model(model, mesh) is model  # idempotent
+        full = full_state_dict(model)  # export: the unsharded weights, as the plain model names them
+        plain = load().state_dict()
+        assert full.keys() == plain.keys() and all(torch.equal(full[k], plain[k]) for k in plain)
+        if rank == 0:
+            model.save_pretrained(f"{init_file}.export", state_dict=full)
+            again = AutoModelForCausalLM.from_pretrained(f"{init_file}.export").state_dict()
+            assert all(torch.equal(again[k], plain[k]) for k in plain)
+        check(model)
+        # checkpoint_wrapper fallback for models without transformers' checkpointing
+        model = load()
+        model.supports_gradient_checkpointing = False
+        check(shard_model(model, mesh, activation_checkpointing=True, reshard_after_forward=False))
+        # a root sharded by hand that reshards after forward: the loss gathers the output layer again
+        model = load()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        check(fully_shard(model, mesh=mesh, reshard_after_forward=True))
+        # LoRA (peft wrapper): layers found through get_base_model(); only the adapters have gradients
+        from peft import LoraConfig, get_peft_model
+
+        def lora():
+            torch.manual_seed(0)
+            return get_peft_model(load(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj"]))
+
+        lora_ref = _talr_step_grads(lora(), ids, attn, labels, sync=False)
+        assert lora_ref and all("lora_" in k for k in lora_ref)
+        check(shard_model(lora(), mesh), ref=lora_ref)
+        # bf16 compute, fp32 shards and reduction: close to the fp32 gradient (bf16-level tolerance)
+        model = shard_model(load(), mesh, mixed_precision="bf16")
+        got = _talr_step_grads(model, ids[mine], attn[mine], labels[mine], sync=True)
+        for k in ref:
+            assert got[k].dtype == torch.float32
+            cos = torch.nn.functional.cosine_similarity(got[k].flatten(), ref[k].flatten(), dim=0)
+            assert cos > 0.99, (k, float(cos))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_model_options_keep_gradients_exact(tmp_path, tiny_model_dir):
+    mp.start_processes(_options_worker, args=(str(tmp_path / "init"), str(tiny_model_dir)), nprocs=2,
+                       start_method="spawn")
+
+
+def test_shard_model_argument_errors(tokenizer):
+    from conftest import make_tiny_model
+    from talr.distributed import data_parallel_mesh, decoder_layers
+
+    model = make_tiny_model(tokenizer)
+    layers = decoder_layers(model)
+    assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
+    with pytest.raises(ValueError, match="no module of class"):
+        decoder_layers(model, ["NoSuchLayer"])
+
+    class Mesh:  # stands in for a 2-D DeviceMesh with tensor parallelism
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+        ndim = 2
+
+        def __getitem__(self, name):
+            return type("Sub", (), {"size": lambda self: 2})()
+
+    with pytest.raises(NotImplementedError):
+        data_parallel_mesh(Mesh())
+    with pytest.raises(ValueError, match="mixed_precision"):
+        shard_model(model, Mesh(), mixed_precision="fp8")

@@ -100,6 +100,7 @@ def test_callback_logs_lm_eval_numbers_with_baseline_before_first_step(tokenizer
                 baseline["general/gsm8k/exact_match_strict_match"], baseline["general/humaneval/pass@1"]]
     assert baseline["general/score"] == pytest.approx(np.mean(headline))
     assert [h["when"] for h in general.history] == ["start", "end"]
+    assert module.general_baseline == baseline
     assert float(trainer.callback_metrics["general/score"]) == pytest.approx(general.history[-1]["metrics"]["general/score"])
 
     drift_logs = [(i, step, m) for i, step, m in logs if "drift/nll_delta" in m]
@@ -168,3 +169,37 @@ def test_sharded_model_is_refused(tokenizer, tmp_path):
             evaluate_general(model, tokenizer, tasks=["gsm8k"], limit=1, data_dir=require(SHARED_DATA))
     finally:
         dist.destroy_process_group()
+
+
+class RecordingEval(GeneralEvalCallback):
+    """Stands in for lm-eval (fixed numbers) and records, per rank, who evaluated and what was logged."""
+
+    def __init__(self, out_dir):
+        super().__init__(tasks=["gsm8k"], every_n_epochs=None, every_n_steps=1)
+        self.out_dir = out_dir
+
+    def run_eval(self, model, tokenizer):
+        import torch.distributed as dist
+
+        with open(f"{self.out_dir}/ran_on_rank{dist.get_rank()}", "a") as f:
+            f.write("x")
+        return {"results": {"gsm8k": {"exact_match_strict_match": 0.25}}, "general/score": 0.25, "wall_time_s": 0.0}
+
+    def evaluate(self, trainer, pl_module, when):
+        metrics = super().evaluate(trainer, pl_module, when)
+        with open(f"{self.out_dir}/logged_rank{trainer.global_rank}", "a") as f:
+            f.write(json.dumps([trainer.global_step, metrics["general/score"]]) + "\n")
+        return metrics
+
+
+def test_two_ranks_evaluate_on_rank0_only_and_share_the_numbers(tokenizer, tmp_path):
+    module = TinyLM(make_tiny_model(tokenizer, seed=5), tokenizer, [])
+    data = torch.utils.data.TensorDataset(torch.randint(0, len(tokenizer), (8, 8)))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                        callbacks=[RecordingEval(str(tmp_path))], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    assert (tmp_path / "ran_on_rank0").read_text() == "xxx" and not (tmp_path / "ran_on_rank1").exists()
+    for rank in (0, 1):  # start, step 1, step 2 (at_end skipped: step 2 was just evaluated)
+        logged = [json.loads(line) for line in (tmp_path / f"logged_rank{rank}").read_text().splitlines()]
+        assert logged == [[0, 0.25], [1, 0.25], [2, 0.25]]

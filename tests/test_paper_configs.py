@@ -148,22 +148,23 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _accepted(cls) -> set[str]:
-    """Keyword names an __init__ accepts, following **kwargs up the MRO."""
+def _accepted(cls) -> set[str] | None:
+    """Keyword names an __init__ accepts, following **kwargs up the MRO; None when **kwargs leave the class
+    hierarchy (e.g. WandbLogger passes them to wandb.init; the parsed sample covers those)."""
     names: set[str] = set()
-    for klass in cls.__mro__:
+    for klass in cls.__mro__[:-1]:  # not object
         if "__init__" not in klass.__dict__:
             continue
         params = inspect.signature(klass.__dict__["__init__"]).parameters
         names |= {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            break
-    return names
+            return names
+    return None
 
 
 def _check_class(node: dict, where: str) -> None:
-    cls = _import(node["class_path"])
-    unknown = set(node.get("init_args") or {}) - _accepted(cls)
+    accepted = _accepted(_import(node["class_path"]))
+    unknown = set() if accepted is None else set(node.get("init_args") or {}) - accepted
     assert not unknown, f"{where}: {node['class_path']} has no argument(s) {sorted(unknown)}"
 
 
@@ -172,6 +173,8 @@ def test_all_configs_structurally_valid():
 
     from talr.data.datamodule import DomainDataModule
 
+    with pytest.raises(AssertionError, match="bogus"):
+        _check_class({"class_path": "talr.methods.TALR", "init_args": {"tau": 1.0, "bogus": 1}}, "self-test")
     trainer_keys, data_keys = _accepted(Trainer), _accepted(DomainDataModule)
     for path in [gen.config_path(*cell) for cell in GRID]:
         cfg, where = body(path), path.name

@@ -40,11 +40,20 @@ class RunSummary(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t0 = time.time()
 
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.t0 = time.time()
+        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        if not self.summary and path.exists():  # `talr test` after `talr fit`: extend the fit's summary
+            self.summary = json.loads(path.read_text())
+
     def _write(self, trainer, pl_module, stage: str) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         final = {k: v for k, v in metrics.items() if k.split("/")[0] in ("val", "test", "general", "drift")}
+        task = getattr(trainer.datamodule, "task", None)
         self.summary.update({
             "method": type(pl_module).__name__,
+            "task": {"domain": getattr(task, "name", None), "format": getattr(task, "format", None),
+                     "source": getattr(task, "source", None)},
             "hparams": {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, (str, int, float, bool, type(None), list, tuple))},
             "data": dict(getattr(trainer.datamodule, "stats", {})),
             "baseline": dict(getattr(pl_module, "baseline", {})),

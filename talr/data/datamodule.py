@@ -105,6 +105,8 @@ class DomainDataModule(L.LightningDataModule):
         group_by_length: batch training examples of similar length together (less padding).
         num_workers: DataLoader workers.
         seed: shuffling seed.
+        trust_remote_code: allow code in the tokenizer repo (linked to the model's setting).
+        chat_template_kwargs: extra variables for the chat template, e.g. `{enable_thinking: false}` for Qwen3.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class DomainDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         trust_remote_code: bool = False,
+        chat_template_kwargs: dict | None = None,
     ):
         super().__init__()
         self.task = task
@@ -131,6 +134,7 @@ class DomainDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.trust_remote_code = trust_remote_code
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.tokenizer = None
         self.examples: dict[str, list[dict]] = {}
         self.stats: dict[str, int] = {}
@@ -143,7 +147,8 @@ class DomainDataModule(L.LightningDataModule):
         rank_zero = getattr(self.trainer, "is_global_zero", True) if self.trainer is not None else True
         for split, rows in splits.items():
             examples, counts = encode_rows(
-                self.task, rows, self.tokenizer, self.max_length, self.overlong, split=split, progress=rank_zero
+                self.task, rows, self.tokenizer, self.max_length, self.overlong, split=split, progress=rank_zero,
+                template_kwargs=self.chat_template_kwargs,
             )
             for i, e in enumerate(examples):
                 e["index"] = i

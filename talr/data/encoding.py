@@ -20,15 +20,16 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
 
-def encode_chat(tokenizer, messages: list[dict], target: str) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list[dict], target: str, **template_kwargs) -> tuple[list[int], list[int]]:
     """(prompt_ids, full_ids) where the prompt is tokenised on its own, with the generation prompt.
 
     The labels are full_ids[len(prompt_ids):]: exactly the assistant turn, found by position, never by
     searching for a response template. Tokens the template appends after the final end-of-turn token
     (e.g. a newline) are dropped, so the last supervised token is the end-of-turn token.
     """
-    prompt = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    full = _ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=True))
+    prompt = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs))
+    full = _ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=True,
+                                              **template_kwargs))
     if full[: len(prompt)] != prompt:
         raise ValueError(
             "the chat template renders the prompt differently with and without the assistant turn; "
@@ -50,6 +51,7 @@ def encode_rows(
     overlong: OverlongPolicy = "truncate",
     split: str = "",
     progress: bool = True,
+    template_kwargs: dict | None = None,
 ) -> tuple[list[dict], Counter]:
     """Encode rows into examples {input_ids, labels, prompt_ids, row}; returns them and counts of what the
     over-long policy did. `truncate` shortens the task's free-text field (e.g. the patient note) until the
@@ -58,12 +60,13 @@ def encode_rows(
 
     counts: Counter = Counter()
     examples = []
+    template_kwargs = template_kwargs or {}
     for row in tqdm(rows, desc=f"tokenizing {split}", disable=not progress, leave=False):
-        prompt, full = encode_chat(tokenizer, task.messages(row), task.target(row))
+        prompt, full = encode_chat(tokenizer, task.messages(row), task.target(row), **template_kwargs)
         if len(full) > max_length:
             if overlong == "error":
                 raise ValueError(f"{split} row {row.get(task.id_column, '?')}: {len(full)} tokens > max_length {max_length}")
-            fitted = _shorten_to_fit(task, row, tokenizer, max_length) if overlong == "truncate" else None
+            fitted = _shorten_to_fit(task, row, tokenizer, max_length, template_kwargs) if overlong == "truncate" else None
             if fitted is None:
                 counts["skipped_overlong"] += 1
                 continue
@@ -79,7 +82,7 @@ def encode_rows(
     return examples, counts
 
 
-def _shorten_to_fit(task: Task, row: Mapping, tokenizer, max_length: int):
+def _shorten_to_fit(task: Task, row: Mapping, tokenizer, max_length: int, template_kwargs: dict):
     """Largest prefix (by a binary search over the kept fraction) of the free-text field that fits."""
     if task.shorten_column is None:
         return None
@@ -87,14 +90,14 @@ def _shorten_to_fit(task: Task, row: Mapping, tokenizer, max_length: int):
     for _ in range(12):
         mid = (lo + hi) / 2
         short = task.shorten(row, mid)
-        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short))
+        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short), **template_kwargs)
         if len(full) <= max_length:
             best, lo = (short, prompt, full), mid
         else:
             hi = mid
     if best is None:
         short = task.shorten(row, 0.0)
-        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short))
+        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short), **template_kwargs)
         best = (short, prompt, full) if len(full) <= max_length else None
     return best
 

@@ -4,13 +4,16 @@ Evaluates `pl_module.model` with `pl_module.tokenizer` through `talr.general.eva
 the first step (the baseline), every `every_n_epochs` epochs and/or `every_n_steps` optimizer steps,
 and after training; logs `general/<task>/<metric>` and `general/score` to every logger at the current
 global step and puts them in `trainer.callback_metrics` (so `ModelCheckpoint(monitor="general/score")`
-works).
+works). The baseline is also kept as `pl_module.general_baseline` (a dict) for run summaries.
 
 Several processes: only global rank 0 evaluates; the others wait at a barrier and then receive the
 numbers by broadcast, so every rank logs and monitors the same values. Rank 0 must hold the full
-model: true for DDP and single-device runs. With FSDP the parameters are sharded and a full state dict
-would have to be gathered first; that is not implemented, and the callback raises NotImplementedError
-(evaluate a saved checkpoint with `python -m talr evaluate` instead).
+model: true for DDP and single-device runs. The other ranks wait in a collective for the whole
+evaluation, so the process-group timeout (Lightning default: 30 min) must exceed it, e.g.
+`DDPStrategy(timeout=datetime.timedelta(hours=3))` for full benchmarks on a large model.
+With FSDP the parameters are sharded and a full state dict would have to be gathered first; that is
+not implemented, and the callback raises NotImplementedError (evaluate a saved checkpoint with
+`python -m talr evaluate` instead).
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ class GeneralEvalCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_start and trainer.global_step == 0:
             self.evaluate(trainer, pl_module, "start")
+        elif trainer.global_step > 0:  # resumed: the baseline comes from the checkpointed history
+            start = [h["metrics"] for h in self.history if h["when"] == "start"]
+            if start:
+                pl_module.general_baseline = dict(start[0])
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -154,6 +161,8 @@ class GeneralEvalCallback(Callback):
         step = trainer.global_step
         log_to_loggers(trainer, metrics, step)
         self.last_step = step
+        if when == "start":  # read by talr.callbacks.RunSummary ("general_baseline")
+            pl_module.general_baseline = dict(metrics)
         self.history.append({"step": step, "epoch": trainer.current_epoch, "when": when, "metrics": metrics})
         if trainer.is_global_zero:
             shown = {k: v for k, v in metrics.items() if k == "general/score" or k.count("/") == 2}

@@ -134,6 +134,7 @@ class SFT(L.LightningModule):
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         token_losses, mask = self.token_losses(batch)
+        self._last_token_stats = (token_losses.detach(), mask)  # read by callbacks (HardTokenShare, Figure 3c)
         loss_sum, stats = self.weighted_loss_sum(token_losses, mask, batch)
         n = mask.sum()
         self._window_tokens += n

@@ -29,6 +29,14 @@ IGNORE_INDEX = -100
 __all__ = ["chunked_token_losses", "causal_lm_token_losses", "output_head"]
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -140,8 +148,9 @@ def chunked_token_losses(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
-    if type(weight) is not torch.Tensor and not isinstance(weight, torch.nn.Parameter):
-        raise TypeError(f"weight must be a plain (unsharded) tensor, got {type(weight).__name__}")
+    if _is_dtensor(weight):
+        raise TypeError("weight is a sharded DTensor: compute the loss while the output layer is gathered "
+                        "(after the FSDP root's forward, see causal_lm_token_losses)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[-1]}")
     dtype = _compute_dtype(hidden, weight)
@@ -192,6 +201,9 @@ def causal_lm_token_losses(model, input_ids: Tensor, attention_mask: Tensor, lab
                 logits_to_keep=1, use_cache=False, **model_kwargs)
     hidden = out.hidden_states[-1][:, :-1]
     weight, bias, softcap = output_head(model)
+    if _is_dtensor(weight) and hasattr(model, "unshard"):  # an FSDP2 root that resharded after forward
+        model.unshard()  # gathered again; its backward reduce-scatters the gradient and reshards
+        weight, bias, softcap = output_head(model)
     shifted = labels[:, 1:]
     losses = chunked_token_losses(hidden, weight, shifted, chunk_size=chunk_size, bias=bias, softcap=softcap)
     return losses, shifted != IGNORE_INDEX

@@ -131,6 +131,13 @@ class MedCalc(Task):
             except ValueError:
                 raise DataError(self.source, f"calculator id {row['Calculator ID']!r} is not an integer",
                                 row=row_id, column="Calculator ID") from None
+            try:  # the ground truth must parse and satisfy its own official rule (limits, dates, pairs)
+                consistent = is_correct(str(row["Ground Truth Answer"]), row)
+            except DataError as e:
+                raise DataError(self.source, str(e).split(": ", 1)[-1], row=f"{row_id} (split {split})", column=e.column) from None
+            if not consistent:
+                raise DataError(self.source, "the ground truth does not score correct under its own limits",
+                                row=f"{row_id} (split {split})", column="Ground Truth Answer")
             out.append({k: (str(v) if k in COLUMNS and not isinstance(v, str) else v) for k, v in row.items()})
         return out
 
