@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "flash_attention_2); the plain loop runs once per value, talr variants use the first")
     p.add_argument("--compile", action="store_true", help="torch.compile the plain loop's model")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--loss-chunk-size", type=int, default=1024, help="tokens per chunk for sft_chunked")
+    p.add_argument("--loss-chunk-size", type=int, default=256, help="supervised tokens per chunk for sft_chunked")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default="passive",

@@ -33,6 +33,12 @@ class TalrCLI(LightningCLI):
         parser.link_arguments("model.init_args.pretrained", "data.tokenizer")
         parser.link_arguments("model.init_args.trust_remote_code", "data.trust_remote_code")
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            parser.set_defaults(weights_only=True)  # checkpoints hold tensors and plain data only
+        return parser
+
 
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None

@@ -78,11 +78,26 @@ class PFLOW(ShardedProbe, FLOW): ...
 class PL2(ShardedProbe, L2Init): ...
 
 
+class PNaN(ShardedProbe, SFT):
+    """A non-finite gradient in rank 1's shard only."""
+
+    def after_gradient_normalized(self):
+        super().after_gradient_normalized()
+        if self.trainer.global_rank == 1:
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
+
+    def on_train_end(self):
+        self.result["skipped"] = self.skipped_steps
+        super().on_train_end()
+
+
 CASES = {
     "sft": (PSFT, {}),
     "talr": (PTALR, {}),
     "flow": (PFLOW, {"flow_cache": None}),
     "l2": (PL2, {"l2_lambda": 50.0}),
+    "nan": (PNaN, {"nonfinite": "skip"}),
 }
 
 
@@ -146,6 +161,17 @@ def test_sharded_equals_unsharded(tmp_path, tiny_model_dir, case, chunk):
     assert_same(fsdp["grads"], single["grads"], "grad")
     assert_same(fsdp["weights"], single["weights"], "updated weight")
     assert any(float(g.abs().max()) > 0 for g in single["grads"].values())  # so the weights moved by LR·grad
+
+
+@pytest.mark.skipif(not hasattr(SFT, "_all_finite"), reason="needs the rank-consistent SFT._all_finite")
+def test_nonfinite_gradient_in_one_shard_skips_the_step_on_every_rank(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    fsdp = sharded(tmp_path, tiny_model_dir, "nan", 0)
+    assert fsdp["skipped"] == 1  # rank 0's own shard was finite
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    for k, v in fsdp["weights"].items():  # full tensors: neither rank's shard moved
+        torch.testing.assert_close(v, initial[k], rtol=0, atol=0)
 
 
 # --- shard_model options, without Lightning -----------------------------------------------------------

@@ -57,8 +57,8 @@ class CannedLM:
         from lm_eval.api.model import LM
 
         class _LM(LM):
-            def generate_until(self, requests, disable_tqdm=False):
-                return [answers[r.args[0]] for r in requests]
+            def generate_until(self, requests, disable_tqdm=False):  # keyed by the HumanEval prompt
+                return [next(a for p, a in answers.items() if p in r.args[0]) for r in requests]
 
             def loglikelihood(self, requests, disable_tqdm=False):
                 raise NotImplementedError
@@ -88,3 +88,17 @@ def test_humaneval_task_end_to_end_through_lm_eval(problems, tmp_path):
                                       confirm_run_unsafe_code=True, bootstrap_iters=0)
         results[name] = out["results"]["humaneval"]["pass@1,create_test"]
     assert results == {"right": 1.0, "wrong": 0.0, "mixed": pytest.approx(2 / 3)}
+
+
+def test_humaneval_instruct_scores_a_fenced_answer(problems, tmp_path):
+    import lm_eval
+
+    from talr.general.lm_tasks import make_task_manager
+
+    first = [problems[f"HumanEval/{i}"] for i in range(2)]
+    manager = make_task_manager(["humaneval_instruct"], tmp_path / "tasks", data_dir=tmp_path)
+    answers = {p["prompt"]: p["canonical_solution"] + "```\nThis solves it." for p in first}
+    out = lm_eval.simple_evaluate(model=CannedLM(answers), tasks=["humaneval_instruct"], limit=2,
+                                  task_manager=manager, confirm_run_unsafe_code=True, bootstrap_iters=0)
+    assert out["results"]["humaneval_instruct"]["pass@1,create_test"] == 1.0
+    assert out["versions"]["humaneval_instruct"] == 4.0

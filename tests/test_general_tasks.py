@@ -80,6 +80,21 @@ def test_humaneval_mirrors_lm_eval_with_our_metric():
     assert online["dataset_path"] == theirs["dataset_path"] == "openai/openai_humaneval"
 
 
+def test_humaneval_instruct_mirrors_lm_eval(tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    write_task_dir(["humaneval_instruct"], tmp_path, data_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["humaneval.yaml", "humaneval_instruct.yaml"]
+    ours = load_yaml(tmp_path / "humaneval_instruct.yaml", resolve_func=False)
+    theirs = load_yaml(lm_eval_tasks_dir() / "humaneval" / "humaneval_instruct.yaml", resolve_func=False)
+    for cfg in (ours, theirs):
+        cfg["metric_list"][0]["metric"] = _fn_name(cfg["metric_list"][0]["metric"])
+        cfg["filter_list"][0]["filter"][0]["filter_fn"] = _fn_name(cfg["filter_list"][0]["filter"][0]["filter_fn"])
+    assert {k: v for k, v in ours.items() if k not in DATA_KEYS} == {
+        k: v for k, v in theirs.items() if k not in DATA_KEYS}
+    assert ours["metadata"] == {"version": 4.0} and ours["dataset_kwargs"]["data_files"]["test"].endswith(".gz")
+
+
 def load_yaml_text(text, name):
     import tempfile
     from pathlib import Path

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
-from talr.general.lm_tasks import PAPER_TASKS
+from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class GeneralEvalCallback(Callback):
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
-        if "humaneval" in self.tasks and not allow_code_execution:
+        if set(CODE_TASKS) & set(self.tasks) and not allow_code_execution:
             raise PermissionError(CODE_EXECUTION_HELP)
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and value < 0:

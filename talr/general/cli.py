@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from talr.general.lm_tasks import PAPER_TASKS
+from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if "humaneval" in tasks and not args.allow_code_execution:
+    if set(CODE_TASKS) & set(tasks) and not args.allow_code_execution:
         print("error: humaneval executes model-written code; pass --allow-code-execution to run it, "
               "or leave it out of --tasks", file=sys.stderr)
         return 2

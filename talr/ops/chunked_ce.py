@@ -100,8 +100,10 @@ class _ChunkedCE(torch.autograd.Function):
                 g = g.to(dtype)
                 if need_h:
                     grad_h[s:e] = (g @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.add_(g.t() @ h)
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)  # in place, no (V, H) temporary
+                elif need_w:
+                    grad_w.add_(g.t() @ h)  # one bf16/fp16 product per chunk, summed in fp32
                 if need_b:
                     grad_b.add_(g.sum(0))
                 del z, g
