@@ -1,7 +1,7 @@
 """Every shipped YAML parses through the CLI (`--print_config`) without loading a model.
 
-Configs with a `trainer` section are complete; method overlays under configs/methods/ are parsed on top
-of the quickstart, as the README shows. Generated paper configs are checked in test_paper_configs.py.
+Configs with trainer, model and data sections are complete; overlays (configs/methods/*, general_eval)
+are parsed on top of the quickstart, as the README shows. Generated paper configs are checked in test_paper_configs.py.
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ def print_config(*paths: Path) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_parses(path):
     raw = yaml.safe_load(path.read_text())
-    paths = (path,) if "trainer" in raw else (ROOT / "configs" / "quickstart.yaml", path)
+    complete = {"trainer", "model", "data"} <= raw.keys()
+    paths = (path,) if complete else (ROOT / "configs" / "quickstart.yaml", path)
     parsed = print_config(*paths)
-    assert parsed["model"]["class_path"] == raw["model"]["class_path"]
-    for key, value in raw["model"].get("init_args", {}).items():
-        assert parsed["model"]["init_args"][key] == value
+    if "model" in raw:
+        assert parsed["model"]["class_path"] == raw["model"]["class_path"]
+        for key, value in raw["model"].get("init_args", {}).items():
+            assert parsed["model"]["init_args"][key] == value
+    for callback in raw.get("trainer", {}).get("callbacks", []):
+        assert callback["class_path"] in [c["class_path"] for c in parsed["trainer"]["callbacks"]]
 
 
 def test_model_name_is_linked_to_the_tokenizer(tmp_path):
