@@ -24,7 +24,9 @@ def test_refused_without_opt_in(tokenizer, capsys):
         evaluate_general(make_tiny_model(tokenizer), tokenizer, tasks=["humaneval"], limit=1)
     with pytest.raises(PermissionError, match="--allow-code-execution"):
         GeneralEvalCallback(tasks=["gsm8k", "humaneval"])
-    assert main(["--model", "unused", "--tasks", "humaneval"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "unused", "--tasks", "humaneval"])
+    assert exit_info.value.code == 2
     assert "--allow-code-execution" in capsys.readouterr().err
     GeneralEvalCallback(tasks=["ifeval", "gsm8k"])  # no humaneval: no opt-in needed
 

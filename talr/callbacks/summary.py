@@ -78,7 +78,8 @@ class RunSummary(L.Callback):
               + f"\nwall time {self.summary[f'wall_time_s/{stage}']:.0f} s, {self.summary['tokens_seen']} tokens, "
               f"{trainer.global_step} optimizer steps")
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # on_fit_end runs after every callback's on_train_end (the final general eval among them)
         self._write(trainer, pl_module, "fit")
 
     def on_test_end(self, trainer, pl_module) -> None:

@@ -71,17 +71,15 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if set(CODE_TASKS) & set(tasks) and not args.allow_code_execution:
-        print("error: humaneval executes model-written code; pass --allow-code-execution to run it, "
-              "or leave it out of --tasks", file=sys.stderr)
-        return 2
+    if set(CODE_TASKS) & set(tasks) and not args.allow_code_execution:  # parser.error exits with status 2
+        parser.error("humaneval executes model-written code; pass --allow-code-execution to run it, "
+                     "or leave it out of --tasks")
     if args.model.endswith(".ckpt"):
-        print("error: Lightning .ckpt files are not supported yet; export the model to a HF directory",
-              file=sys.stderr)
-        return 2
+        parser.error("Lightning .ckpt files are not supported yet; export the model to a HF directory")
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
