@@ -143,8 +143,8 @@ def shard_model(
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on CPU (a collective: call it on every rank), e.g. for
-    `model.save_pretrained(path, state_dict=full_state_dict(model))` on rank 0. Plain models: their own."""
+    """The unsharded state dict on CPU, on rank 0 only (other ranks get {}). A collective: call it on every
+    rank, then `model.save_pretrained(path, state_dict=sd)` on rank 0. A plain model returns its own."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not is_sharded(model):

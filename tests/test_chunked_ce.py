@@ -153,6 +153,15 @@ def test_peak_memory_lower_than_naive(tmp_path):
     assert chunk_kib < naive_kib / 3, (chunk_kib, naive_kib)
 
 
+def test_no_supervised_token():
+    hidden, weight, _, labels, _ = inputs()
+    labels = torch.full_like(labels, -100)
+    out = chunked_token_losses(hidden, weight, labels, 8)
+    assert torch.equal(out, torch.zeros_like(out))
+    gh, gw = torch.autograd.grad(out.sum(), [hidden, weight])
+    assert not gh.any() and not gw.any()
+
+
 def test_errors():
     hidden, weight, _, labels, _ = inputs()
     with pytest.raises(ValueError):

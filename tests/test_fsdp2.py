@@ -233,10 +233,11 @@ def _options_worker(rank: int, init_file: str, model_dir: str) -> None:
         model = shard_model(load(), mesh, activation_checkpointing=True)
         assert model.model.gradient_checkpointing and model.model.layers[0].gradient_checkpointing
         assert shard_model(model, mesh) is model  # idempotent
-        full = full_state_dict(model)  # export: the unsharded weights, as the plain model names them
+        full = full_state_dict(model)  # export: the unsharded weights on rank 0, as the plain model names them
         plain = load().state_dict()
-        assert full.keys() == plain.keys() and all(torch.equal(full[k], plain[k]) for k in plain)
         if rank == 0:
+            assert full.keys() == plain.keys(), set(full) ^ set(plain)
+            assert all(torch.equal(full[k], plain[k]) for k in plain)
             model.save_pretrained(f"{init_file}.export", state_dict=full)
             again = AutoModelForCausalLM.from_pretrained(f"{init_file}.export").state_dict()
             assert all(torch.equal(again[k], plain[k]) for k in plain)

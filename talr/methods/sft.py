@@ -51,6 +51,10 @@ class SFT(L.LightningModule):
         baseline_eval: evaluate the domain before the first step, logged as `baseline/val/*` and step 0.
         nonfinite: on a non-finite loss or gradient, `stop` with an error naming the step, or `skip` the step
             (counted in `train/skipped_steps`).
+        loss_chunk_size: > 0 computes the per-token loss over chunks of this many tokens without materialising
+            the full (B, T, V) logits (`talr.ops`; same losses and gradients); 0 = full logits.
+        fsdp_layer_classes: under `ModelParallelStrategy`, decoder-layer class names sharded as FSDP2 units
+            (default: the model's `_no_split_modules`).
     """
 
     def __init__(
@@ -69,6 +73,8 @@ class SFT(L.LightningModule):
         generate_in_eval: bool = True,
         baseline_eval: bool = True,
         nonfinite: Literal["stop", "skip"] = "stop",
+        loss_chunk_size: int = 0,
+        fsdp_layer_classes: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +99,10 @@ class SFT(L.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = self.prepare_model(model.train())  # from_pretrained returns eval mode
+        if getattr(self, "_device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2 on the data-parallel mesh
+            from talr.distributed import shard_model
+
+            shard_model(self.model, self.device_mesh, hp.fsdp_layer_classes, activation_checkpointing=hp.gradient_checkpointing)
 
     def prepare_model(self, model):
         """Hook: return the module to train (LoRA wraps it here)."""
@@ -103,12 +113,17 @@ class SFT(L.LightningModule):
 
     # -- loss ------------------------------------------------------------------------------------
     def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token −log p of each next token (B, T−1) in fp32, and the supervised mask."""
+        """Per-token −log p of each next token in fp32, and the supervised mask (both (B, T) or (B, T−1))."""
+        if self.hparams.loss_chunk_size > 0:
+            from talr.ops import causal_lm_token_losses
+
+            return causal_lm_token_losses(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          chunk_size=self.hparams.loss_chunk_size)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1].float()
-        losses = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-        return losses, labels != -100
+        # shift the labels, not the logits: a flat (B·T, V) view avoids copying the largest tensor
+        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=-100)
+        return losses.view_as(labels), labels != -100
 
     def weighted_loss_sum(self, token_losses: torch.Tensor, mask: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """Hook: Σ w_i ℓ_i over supervised tokens, and statistics to log. SFT: w_i = 1."""
