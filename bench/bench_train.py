@@ -260,8 +260,14 @@ def worker(args) -> dict:
 def _status_kib(key: str) -> int:
     """/proc/self/status field in KiB. VmHWM is this process's own peak RSS; ru_maxrss is not (Linux carries
     the parent's peak over fork + exec)."""
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(key + ":")).split()[1])
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key + ":")).split()[1])
+    except OSError:  # not Linux: the lifetime peak (macOS reports bytes), or 0 for the baseline
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak // 1024 if sys.platform == "darwin" else peak) if key == "VmHWM" else 0
 
 
 def _reset_peak_kib() -> int:

@@ -172,12 +172,21 @@ class SFT(L.LightningModule):
             torch._foreach_mul_(grads, scale)
         self._window_tokens.zero_()
         self.after_gradient_normalized()
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        if grads and not self._all_finite(grads):
             self._nonfinite("gradient has non-finite values")
         if self._skip_this_step:  # AdamW leaves parameters whose grad is None untouched
             for p in params:
                 p.grad = None
             self._skip_this_step = False
+
+    def _all_finite(self, grads: list[torch.Tensor]) -> bool:
+        """One host sync, and the same answer on every rank (FSDP2 gradients are DTensor shards: each rank
+        sees only its own, so the verdict is all-reduced or ranks would diverge)."""
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        bad = torch.stack([(~torch.isfinite(g)).any() for g in local]).any().float()
+        if self.trainer.world_size > 1 and any(hasattr(g, "to_local") for g in grads):
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return not bool(bad)
 
     def _nonfinite(self, what: str) -> None:
         step = self.global_step
