@@ -43,8 +43,9 @@ COLUMNS = ["domain_score", "domain_metric", "general_score", *GENERAL, "drift", 
 
 
 def fmt_lr(lr: float) -> str:
-    """1e-06 -> '1e-6', 2e-05 -> '2e-5' (the names used in configs/paper)."""
-    return re.sub(r"e([+-])0*(\d)", lambda m: f"e{'-' if m.group(1) == '-' else ''}{m.group(2)}", f"{lr:.3g}")
+    """1e-06 -> '1e-6', 2e-05 -> '2e-5', 0.0002 -> '2e-4' (the names used in configs/paper)."""
+    mantissa, exponent = f"{lr:.3e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def method_of(class_name: str | None, hparams: dict) -> str | None:

@@ -115,7 +115,7 @@ def test_wandb_csv(tmp_path):
 
 
 def test_helpers():
-    assert [fmt_lr(x) for x in (1e-6, 5e-6, 2e-5, 1.5e-4)] == ["1e-6", "5e-6", "2e-5", "0.00015"]
+    assert [fmt_lr(x) for x in (1e-6, 5e-6, 2e-5, 1.5e-4, 2e-4)] == ["1e-6", "5e-6", "2e-5", "1.5e-4", "2e-4"]
     assert pareto_front([(0.5, 0.5), (0.6, 0.4), (0.4, 0.4), (None, 0.9), (0.5, 0.5)]) == [True, True, False, False, True]
     assert paper_numbers.lookup("medcalc", "Qwen/Qwen3-4B", "talr", 1e-6) == (0.489, 0.788)
     assert paper_numbers.lookup("medcalc", paper_numbers.MEAN, "lora", 5e-6) is None

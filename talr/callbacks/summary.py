@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning.pytorch as L
+from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
 PACKAGES = ("talr", "torch", "lightning", "transformers", "peft", "lm_eval")
@@ -25,7 +26,7 @@ def package_versions() -> dict[str, str]:
 
 
 class RunSummary(L.Callback):
-    """Writes `<log_dir>/summary.json` after fit (and updates it after test) and prints before → after.
+    """Writes `<log_dir>/summary.json` after fit (and updates it after test or validate) and prints before → after.
 
     Keys: method, hparams, data (row and over-long counts), baseline (`val/*` before training), final
     (last `val/*`, `test/*`, `general/*`, `drift/*` values), tokens_seen, optimizer steps, wall time, versions.
@@ -41,9 +42,16 @@ class RunSummary(L.Callback):
         self.t0 = time.time()
 
     def on_test_start(self, trainer, pl_module) -> None:
+        self._resume(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # `talr validate` (not the validation loop inside fit)
+            self._resume(trainer)
+
+    def _resume(self, trainer) -> None:
         self.t0 = time.time()
         path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
-        if not self.summary and path.exists():  # `talr test` after `talr fit`: extend the fit's summary
+        if not self.summary and path.exists():  # `talr test|validate` after `talr fit`: extend the fit's summary
             self.summary = json.loads(path.read_text())
 
     def _write(self, trainer, pl_module, stage: str) -> None:
@@ -84,3 +92,7 @@ class RunSummary(L.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "test")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._write(trainer, pl_module, "validate")
