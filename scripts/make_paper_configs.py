@@ -6,7 +6,7 @@
 
 Grid: domain (medcalc, esci) x format (cot, label) x model (4) x method (sft, l2, lora, wiseft, flow, talr)
 x LR (1e-6, 5e-6, 2e-5) = 288 files. Each starts from `configs/paper/base_<domain>.yaml`, takes the method's
-class and arguments from `configs/methods/<method>.yaml`, and fills in the model (hub id, FSDP wrap policy),
+class and arguments from `configs/methods/<method>.yaml`, and fills in the model (hub id, FSDP2 decoder-layer classes),
 the LR, the format (generation budget; ESCI CoT rationales) and per-run directories and names. Output is a
 pure function of those files: sorted iteration, fixed YAML style, no timestamps.
 """
@@ -130,7 +130,7 @@ def build(base: dict, method_cfg: dict, domain: str, fmt: str, model: str, metho
     run = run_dir(domain, fmt, model, method, lr)
     name = "-".join([domain, fmt, model, "sft" if method == "wiseft" else method, f"lr{lr}"])
     trainer = cfg["trainer"]
-    trainer["strategy"]["init_args"]["auto_wrap_policy"] = list(layers)
+    cfg["model"]["init_args"]["fsdp_layer_classes"] = [layer.rsplit(".", 1)[-1] for layer in layers]
     trainer["default_root_dir"] = run
     logger = trainer["logger"]["init_args"]
     logger.update(name=name, group=f"{domain}-{fmt}", save_dir=run,

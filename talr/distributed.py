@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 MIXED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded", "full_state_dict"]
+__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded", "full_state_dict", "unsharded_copy",
+           "refuse_fsdp1"]
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -150,3 +151,48 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not is_sharded(model):
         return model.state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module | None:
+    """A plain (unsharded) copy of an FSDP2-sharded model, on CPU, on rank 0; None on the other ranks.
+
+    A collective when the model is sharded (every rank must call it); an unsharded model is returned as
+    is on every rank. The full weights are gathered layer by layer into rank 0's CPU memory
+    (`cpu_offload`), never onto one GPU, then loaded into a fresh model of the same class and config;
+    peft adapters are re-attached with the same LoRA config. Cost on rank 0: about twice the model's
+    size in CPU memory while the copy is built."""
+    if not is_sharded(model):
+        return model
+    import torch.distributed as dist
+
+    state = full_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    base = _base(model)
+    cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))  # fully_shard subclasses it
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config is None:
+        return cls.from_pretrained(None, config=base.config, state_dict=state, dtype=base.dtype)
+    from peft import get_peft_model
+
+    prefix = "base_model.model."
+    base_state = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    copy = get_peft_model(cls.from_pretrained(None, config=base.config, state_dict=base_state, dtype=base.dtype),
+                          next(iter(peft_config.values())))
+    missing = copy.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"adapter weights not found in the copy: {missing.unexpected_keys[:3]}")
+    return copy
+
+
+def refuse_fsdp1(trainer, what: str) -> None:
+    """FSDP1 (`FSDPStrategy`) keeps the root's parameters in a flat buffer of the LightningModule wrapper,
+    so `pl_module.model` cannot be gathered or run on its own: say so before training, not after."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise ValueError(
+            f"{what} does not support FSDPStrategy (FSDP1). Use FSDP2: trainer.strategy "
+            "lightning.pytorch.strategies.ModelParallelStrategy (data_parallel_size: <GPUs>, tensor_parallel_size: 1) "
+            "with model.init_args.fsdp_layer_classes, as configs/paper/base_*.yaml do."
+        )

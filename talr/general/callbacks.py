@@ -7,13 +7,15 @@ global step and puts them in `trainer.callback_metrics` (so `ModelCheckpoint(mon
 works). The baseline is also kept as `pl_module.general_baseline` (a dict) for run summaries.
 
 Several processes: only global rank 0 evaluates; the others wait at a barrier and then receive the
-numbers by broadcast, so every rank logs and monitors the same values. Rank 0 must hold the full
-model: true for DDP and single-device runs. The other ranks wait in a collective for the whole
-evaluation, so the process-group timeout (Lightning default: 30 min) must exceed it, e.g.
-`DDPStrategy(timeout=datetime.timedelta(hours=3))` for full benchmarks on a large model.
-With FSDP the parameters are sharded and a full state dict would have to be gathered first; that is
-not implemented, and the callback raises NotImplementedError (evaluate a saved checkpoint with
-`python -m talr evaluate` instead).
+numbers by broadcast, so every rank logs and monitors the same values. The other ranks wait in a
+collective for the whole evaluation, so the process-group timeout (Lightning default: 30 min) must exceed it, e.g.
+`DDPStrategy(timeout=datetime.timedelta(hours=3))` (or `ModelParallelStrategy(timeout=...)`) for full
+benchmarks on a large model.
+Under FSDP2 (`ModelParallelStrategy`) every rank first takes part in gathering the full weights into
+rank 0's CPU memory (`talr.distributed.unsharded_copy`); rank 0 moves that copy to its device, evaluates
+it and frees it. Memory cost on rank 0 during an evaluation: one full copy of the model on its GPU (in the
+training parameters' dtype, fp32 for the paper configs: 4 bytes × parameters) next to its shard, and
+up to two in CPU memory while the copy is built. FSDP1 (`FSDPStrategy`) is refused at setup.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from talr.distributed import refuse_fsdp1, unsharded_copy
 from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
 from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
 
@@ -102,6 +105,9 @@ class GeneralEvalCallback(Callback):
         self.history: list[dict[str, Any]] = []  # {"step", "epoch", "when", "metrics"} per evaluation
 
     # -- hooks -----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_fsdp1(trainer, "GeneralEvalCallback")
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_start and trainer.global_step == 0:
             self.evaluate(trainer, pl_module, "start")
@@ -143,13 +149,17 @@ class GeneralEvalCallback(Callback):
         """Evaluate on rank 0, share the numbers with every rank, log them at the current step."""
         payload: dict[str, Any] = {}
         error: Exception | None = None
+        model, tokenizer = model_and_tokenizer(pl_module)
+        copy = unsharded_copy(model)  # a collective under FSDP2; the model itself otherwise (None off rank 0)
         if trainer.is_global_zero:
             try:
-                model, tokenizer = model_and_tokenizer(pl_module)
-                result = self.run_eval(model, tokenizer)
+                if copy is not model:
+                    copy = copy.to(pl_module.device)
+                result = self.run_eval(copy, tokenizer)
                 payload = {"metrics": {**flat_metrics(result), "general/eval_seconds": result["wall_time_s"]}}
             except Exception as err:  # other ranks must not hang at the barrier
                 error, payload = err, {"error": f"{type(err).__name__}: {err}"}
+        del copy
         if trainer.world_size > 1:
             trainer.strategy.barrier("talr_general_eval")
             payload = trainer.strategy.broadcast(payload, src=0)

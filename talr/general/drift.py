@@ -172,6 +172,11 @@ class CodeLengthDriftCallback(Callback):
         return {"drift/nll": nll, "drift/nll_delta": nll - self.base_nll}
 
     # -- hooks -----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        from talr.distributed import refuse_fsdp1
+
+        refuse_fsdp1(trainer, "CodeLengthDriftCallback")  # FSDP2: every rank runs the same forward passes
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.base_nll is not None:  # restored from a checkpoint: keep the original reference
             return

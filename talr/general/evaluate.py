@@ -95,9 +95,9 @@ def check_full_model(model: torch.nn.Module) -> None:
     )
     if sharded:
         raise NotImplementedError(
-            "general evaluation needs the full (unsharded) model on rank 0, but the parameters are "
-            "sharded (FSDP/DTensor). Gathering a full state dict for evaluation is not implemented yet: "
-            "evaluate a saved checkpoint with `python -m talr evaluate --model <dir>` instead."
+            "general evaluation needs the full (unsharded) model, but the parameters are sharded (FSDP/DTensor). "
+            "Pass `talr.distributed.unsharded_copy(model)` (GeneralEvalCallback does), or evaluate a saved "
+            "directory with `python -m talr evaluate --model <dir>`."
         )
 
 

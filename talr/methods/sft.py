@@ -55,6 +55,8 @@ class SFT(L.LightningModule):
             the full (B, T, V) logits (`talr.ops`; same losses and gradients); 0 = full logits.
         fsdp_layer_classes: under `ModelParallelStrategy`, decoder-layer class names sharded as FSDP2 units
             (default: the model's `_no_split_modules`).
+        fsdp_reshard_after_forward: True = full shard (ZeRO-3); False = keep each layer's gathered weights
+            from forward to backward (shard-grad-op, ZeRO-2-like: less communication, more memory).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class SFT(L.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
         loss_chunk_size: int = 0,
         fsdp_layer_classes: list[str] | None = None,
+        fsdp_reshard_after_forward: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -102,7 +105,8 @@ class SFT(L.LightningModule):
         if getattr(self, "_device_mesh", None) is not None:  # ModelParallelStrategy: FSDP2 on the data-parallel mesh
             from talr.distributed import shard_model
 
-            shard_model(self.model, self.device_mesh, hp.fsdp_layer_classes, activation_checkpointing=hp.gradient_checkpointing)
+            shard_model(self.model, self.device_mesh, hp.fsdp_layer_classes, activation_checkpointing=hp.gradient_checkpointing,
+                        reshard_after_forward=hp.fsdp_reshard_after_forward)
 
     def prepare_model(self, model):
         """Hook: return the module to train (LoRA wraps it here)."""
@@ -133,8 +137,19 @@ class SFT(L.LightningModule):
         """Hook: runs once per optimiser step after gradients hold d(Σ w ℓ / N)/dθ (L2 adds its term)."""
 
     def export_hf(self, path) -> None:
-        """Write a Hugging Face directory (safetensors weights, config, tokenizer)."""
-        self.model.save_pretrained(path)
+        """Write a Hugging Face directory (safetensors weights, config, tokenizer). Call it on every rank: under
+        FSDP2 the full weights are gathered into rank 0's CPU memory (`talr.distributed.unsharded_copy`), and
+        only rank 0 writes."""
+        from talr.distributed import unsharded_copy
+
+        model = unsharded_copy(self.model)  # a collective when sharded; None on ranks other than 0
+        if model is None or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        self.save_hf(model, path)
+
+    def save_hf(self, model, path) -> None:
+        """Hook: write `model` (unsharded) and the tokenizer to `path`."""
+        model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -156,6 +171,8 @@ class SFT(L.LightningModule):
         denom = n.clamp_min(1)
         self.log("train/loss", loss_sum.detach() / denom, prog_bar=True)
         self.log("train/ce", token_losses.detach().where(mask, 0.0).sum() / denom)
+        attention = batch["attention_mask"]  # padding waste of this batch (see data.group_by_length)
+        self.log("train/padding_share", 1.0 - attention.sum() / attention.numel())
         self.log_dict({f"train/{k}": v for k, v in stats.items()})
         if not torch.isfinite(loss_sum):
             return self._nonfinite(f"loss is {loss_sum.item()}")
