@@ -5,8 +5,7 @@ Variants, each in a fresh process (so peak memory is its own), on the same rando
   sft, talr, flow, l2
                talr.methods.SFT / TALR / FLOW / L2Init through a real lightning.pytorch.Trainer
   sft_chunked  SFT with the chunked per-token loss (talr.ops.causal_lm_token_losses)
-  sft_flatce   SFT with the full-logit loss as proposed for SFT.token_losses: labels shifted instead of
-               logits and a flat (N, V) cross-entropy (no strided copy of the logits)
+  sft_compiled SFT with `compile: true` (torch.compile of each decoder layer, in place)
 The model is a random-init HF architecture (no pretrained weights needed). Warmup steps are excluded;
 a step is timed from the end of the previous step to the end of this one (data, forward, backward,
 optimizer, framework hooks). See bench/README.md.
@@ -22,7 +21,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["plain", "sft", "talr", "flow", "l2", "sft_chunked", "sft_flatce"]
+VARIANTS = ["plain", "sft", "talr", "flow", "l2", "sft_chunked", "sft_compiled"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,7 +168,7 @@ def run_lightning(args, variant: str) -> list[float]:
     from talr.ops import causal_lm_token_losses
 
     cls, extra = {"sft": (SFT, {}), "talr": (TALR, {}), "flow": (FLOW, {"flow_cache": None}),
-                  "l2": (L2Init, {}), "sft_chunked": (SFT, {}), "sft_flatce": (SFT, {})}[variant]
+                  "l2": (L2Init, {}), "sft_chunked": (SFT, {}), "sft_compiled": (SFT, {})}[variant]
     attn, data = args.attns[0], None
 
     class Bench(cls):  # the random-init model instead of `pretrained`
@@ -177,15 +176,10 @@ def run_lightning(args, variant: str) -> list[float]:
             if self.model is None:
                 self.model = build_model(args, attn)
                 self.tokenizer = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 2})()
+                if variant == "sft_compiled":
+                    self.compile_layers()
 
         def token_losses(self, batch):
-            if variant == "sft_flatce":
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                b, t, v = logits.shape
-                labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-                losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1),
-                                                           reduction="none").view(b, t)[:, :-1]
-                return losses, labels[:, :-1] != -100
             if variant != "sft_chunked":
                 return super().token_losses(batch)
             return causal_lm_token_losses(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],

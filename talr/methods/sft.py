@@ -78,6 +78,7 @@ class SFT(L.LightningModule):
         loss_chunk_size: int = 0,
         fsdp_layer_classes: list[str] | None = None,
         fsdp_reshard_after_forward: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +108,14 @@ class SFT(L.LightningModule):
 
             shard_model(self.model, self.device_mesh, hp.fsdp_layer_classes, activation_checkpointing=hp.gradient_checkpointing,
                         reshard_after_forward=hp.fsdp_reshard_after_forward)
+        if hp.compile:
+            self.compile_layers()
+
+    def compile_layers(self) -> None:
+        from talr.distributed import decoder_layers
+
+        for layer in decoder_layers(self.model, self.hparams.fsdp_layer_classes):
+            layer.compile()
 
     def prepare_model(self, model):
         """Hook: return the module to train (LoRA wraps it here)."""
