@@ -82,7 +82,7 @@ def write_tables(rows: list[dict], results: Path, analysis: dict) -> None:
     (results / "results.md").write_text(text)
 
 
-def plot(rows: list[dict], curves: dict[str, list], results: Path) -> list[Path]:
+def plot(rows: list[dict], curves: dict[str, list], results: Path, fmt: str = "label") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,9 +103,10 @@ def plot(rows: list[dict], curves: dict[str, list], results: Path) -> list[Path]
             axes[2].plot(*zip(*points), marker="o", ms=3, label=name)
     axes[2].set_xlabel("optimizer step")
     axes[2].set_ylabel("drift/nll_delta")
-    axes[2].legend(fontsize=7)
+    if any(curves.values()):
+        axes[2].legend(fontsize=7)
     axes[2].set_title("general-skill drift during training", fontsize=9)
-    fig.suptitle("Miniature reproduction: SmolLM2-135M-Instruct, MedCalc-Bench label format (real rows, CPU)",
+    fig.suptitle(f"Miniature reproduction: SmolLM2-135M-Instruct, MedCalc-Bench {fmt} format (real rows, CPU)",
                  fontsize=10)
     fig.tight_layout()
     paths = [results / "miniature.png", results / "miniature.pdf"]
@@ -122,7 +123,8 @@ def write_results(results: Path) -> list[dict]:
     steps = [s for s in index if (results / s["dir"]).exists()]
     rows = [step_row(results / s["dir"], s["step"], s.get("wall_time_s")) for s in steps]
     write_tables(rows, results, _json(results / "base" / "analysis.json"))
-    plot(rows, {s["step"]: drift_curve(results / s["dir"]) for s in steps}, results)
+    fmt = (_json(results / "base" / "summary.json").get("task") or {}).get("format") or "label"
+    plot(rows, {s["step"]: drift_curve(results / s["dir"]) for s in steps}, results, fmt)
     return rows
 
 

@@ -2,6 +2,9 @@
 
     python scripts/reproduce_miniature.py                       # everything; rerun to resume
     python scripts/reproduce_miniature.py --only base,sft_lr2e-4,wiseft_lr2e-4   # a subset
+    python scripts/reproduce_miniature.py --config configs/miniature/base.yaml \
+        --config configs/miniature/cot.yaml --methods talr --runs runs/miniature-cot \
+        --results results/miniature-cot                              # the CoT arm
 
 Steps, each a `python -m talr ...` command run in a subprocess (its log in `<runs>/<name>/log.txt`):
   base          `talr validate` (domain scores of the untouched model), `talr evaluate` (its IFEval subset),
@@ -41,6 +44,14 @@ def lr_name(lr: float) -> str:
     return fmt_lr(lr)
 
 
+def merge(base: dict, over: dict) -> dict:
+    """Nested dicts merged key by key; any other value (lists included) replaced, as jsonargparse does."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def callback_args(config: dict, name: str) -> dict:
     for cb in config.get("trainer", {}).get("callbacks", []) or []:
         if isinstance(cb, dict) and cb.get("class_path", "").rsplit(".", 1)[-1] == name:
@@ -51,8 +62,10 @@ def callback_args(config: dict, name: str) -> dict:
 class Miniature:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.config_path = Path(args.config)
-        self.config = yaml.safe_load(self.config_path.read_text())
+        self.config_paths = [Path(c) for c in args.config or [ROOT / "configs" / "miniature" / "base.yaml"]]
+        self.config: dict = {}
+        for path in self.config_paths:  # later files override earlier ones, like LightningCLI's --config
+            self.config = merge(self.config, yaml.safe_load(path.read_text()) or {})
         self.runs = Path(args.runs)
         self.model = args.model or self.config["model"]["init_args"]["pretrained"]
         self.general = callback_args(self.config, "GeneralEvalCallback")
@@ -64,8 +77,9 @@ class Miniature:
     def plan(self) -> list[tuple[str, callable]]:
         steps = [("base", self.base)]
         steps += [(f"sft_lr{lr_name(lr)}", self.fit_step("sft", lr)) for lr in self.lrs]
-        steps += [(f"{m}_lr{self.top}", self.fit_step(m, self.lrs[-1])) for m in METHODS]
-        steps.append((f"wiseft_lr{self.top}", self.wiseft))
+        steps += [(f"{m}_lr{self.top}", self.fit_step(m, self.lrs[-1])) for m in self.args.methods if m in METHODS]
+        if "wiseft" in self.args.methods:
+            steps.append((f"wiseft_lr{self.top}", self.wiseft))
         return steps
 
     def run(self) -> None:
@@ -101,7 +115,8 @@ class Miniature:
             raise SystemExit(f"[miniature] failed (exit {rc}): {' '.join(cmd)}\n...{tail}")
 
     def lightning(self, subcommand: str, name: str, *extra: str) -> list[str]:
-        return [subcommand, "--config", str(self.config_path), *extra,
+        configs = [arg for path in self.config_paths for arg in ("--config", str(path))]
+        return [subcommand, *configs, *extra,
                 "--trainer.default_root_dir", str(self.runs),
                 "--trainer.logger.init_args.save_dir", str(self.runs),
                 "--trainer.logger.init_args.name", name, *self.args.set]
@@ -192,7 +207,10 @@ class Miniature:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "miniature" / "base.yaml"))
+    p.add_argument("--config", action="append", help="fit config(s), later ones overriding earlier ones "
+                   "(default: configs/miniature/base.yaml)")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                   default=[*METHODS, "wiseft"], help="methods run at the largest LR besides SFT")
     p.add_argument("--model", default=None, help="default: the config's model.init_args.pretrained")
     p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-5, 5e-5, 2e-4],
                    help="SFT learning rates; the methods run at the largest")
@@ -206,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if unknown := set(args.methods) - {*METHODS, "wiseft"}:
+        parser.error(f"unknown --methods {sorted(unknown)}; choose from {[*METHODS, 'wiseft']}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     mini = Miniature(args)
     mini.collect() if args.collect_only else mini.run()

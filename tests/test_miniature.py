@@ -99,3 +99,17 @@ def test_failed_step_names_the_command(tmp_path, tiny_config):
     with pytest.raises(SystemExit, match="needs .*sft_lr2e-4/hf"):
         driver.main(argv)
     assert not (tmp_path / "r" / "wiseft_lr2e-4" / ".done").exists()
+
+
+def test_cot_overlay_and_method_choice():
+    driver = _load("reproduce_miniature")
+    configs = ["--config", str(ROOT / "configs/miniature/base.yaml"), "--config", str(ROOT / "configs/miniature/cot.yaml")]
+    mini = driver.Miniature(driver.build_parser().parse_args([*configs, "--methods", "talr"]))
+    assert [name for name, _ in mini.plan()] == ["base", "sft_lr1e-5", "sft_lr5e-5", "sft_lr2e-4", "talr_lr2e-4"]
+    task = mini.config["data"]["task"]["init_args"]
+    assert task["format"] == "cot" and task["source"].endswith("test_data.csv")  # overlay merged into the base
+    assert mini.config["data"]["max_length"] == 512 and mini.config["data"]["batch_size"] == 4
+    assert mini.result_dir("talr_lr2e-4") == "medcalc/cot/SmolLM2-135M-Instruct/talr_lr2e-4"
+    assert mini.lightning("fit", "x")[:5] == ["fit", *configs]
+    with pytest.raises(SystemExit):
+        driver.main([*configs, "--methods", "talr,bogus", "--only", "none"])
