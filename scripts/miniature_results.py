@@ -15,6 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from talr.report import fmt_lr
+
 STEP = re.compile(r"^(?P<method>[a-z0-9]+)_lr(?P<lr>[\d.]+e-?\d+)$")
 IFEVAL = "general/ifeval/prompt_level_strict_acc"
 COLUMNS = ("step", "method", "lr", "val/acc", "val/answer_found", "val/nll", IFEVAL,
@@ -71,7 +73,7 @@ def write_tables(rows: list[dict], results: Path, analysis: dict) -> None:
               "IFEval instr. strict", "drift ΔL(P1)", "tokens", "steps", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lr = f"{r['lr']:g}" if r["lr"] is not None else "—"
+        lr = fmt_lr(r["lr"]) if r["lr"] is not None else "—"
         lines.append("| " + " | ".join([r["step"], r["method"], lr] + [_cell(r[k]) for k in COLUMNS[3:]]) + " |")
     text = "\n".join(lines) + "\n"
     if analysis:

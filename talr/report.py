@@ -8,7 +8,8 @@ runs-table export (CSV) may be added. What a run is comes from, in increasing pr
 `hparams` and `method`, the `config.yaml` LightningCLI saved beside it, and the paper layout of its path
 `<domain>/<format>/<model>/<method>_lr<lr>[/alpha_<a>]` (configs/paper/*; WiSE-FT runs live under
 `wiseft_lr<lr>/alpha_<a>`). Files of one run (fit, a later `test` in `<run>/test`, a `general.json` written by
-`python -m talr evaluate` beside a summary) are merged, newer values winning.
+`python -m talr evaluate` and a `drift.json` ({"drift/nll_delta": …}) beside a summary) are merged, newer
+values winning.
 
 Writes `<out>/runs.csv` (one row per model), `<out>/means.csv` (mean over models, as the paper's table),
 `<out>/tables.md`, and `<out>/pareto.{png,pdf}`: domain vs general score per method and LR, our Pareto
@@ -133,6 +134,9 @@ def load_summary(path: Path) -> dict:
     general = path.parent / "general.json"
     if general.exists():
         metrics.update(general_json_metrics(general))
+    drift = path.parent / "drift.json"  # {"drift/nll_delta": ...} measured after the fact (e.g. WiSE-FT)
+    if drift.exists():
+        metrics.update({k: float(v) for k, v in json.loads(drift.read_text()).items() if k.startswith("drift/")})
     run["metrics"] = metrics
     run["baseline"] = {**(summary.get("baseline") or {}), **(summary.get("general_baseline") or {})}
     run["sources"] = [str(path)]

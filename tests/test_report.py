@@ -43,6 +43,7 @@ def test_per_run_rows(result):
     r = cell(rows, method="wiseft")
     assert (r["model"], r["lr"], r["alpha"]) == ("Qwen2.5-3B-Instruct", approx(1e-6), 0.5)
     assert (r["domain_score"], r["general_score"], r["humaneval"]) == (approx(0.30), approx(0.66), approx(0.60))
+    assert r["drift"] == approx(0.03)  # from drift.json beside the summary
     # a sweep run outside the paper layout: identity from the config.yaml LightningCLI saved; tau 1 -> talr_tau1
     r = cell(rows, method="talr_tau1")
     assert (r["domain"], r["format"], r["model"], r["lr"]) == ("medcalc", "label", "Qwen2.5-3B-Instruct", approx(5e-6))
