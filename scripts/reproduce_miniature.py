@@ -194,6 +194,10 @@ class Miniature:
             for fname in COPIED:
                 if (self.runs / name / fname).exists():
                     shutil.copy2(self.runs / name / fname, dest / fname)
+            if (dest / "analysis.json").exists():  # its hardest tokens quote the data set: not committed
+                analysis = json.loads((dest / "analysis.json").read_text())
+                analysis.pop("hardest_tokens", None)
+                (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
             wall = float((self.runs / name / ".done").read_text())
             index.append({"step": name, "dir": self.result_dir(name), "wall_time_s": wall})
         (results / "steps.json").write_text(json.dumps(index, indent=2) + "\n")
