@@ -60,7 +60,9 @@ def test_miniature_runs_collects_and_resumes(tmp_path, tiny_config, tiny_model_d
     base = json.loads((results / "base" / "summary.json").read_text())
     assert base["final"]["val/n"] == 4 and base["final"]["val/nll"] > 0
     assert json.loads((results / "base" / "general.json").read_text())["settings"]["limit"] == 2
-    assert json.loads((results / "base" / "analysis.json").read_text())["n_examples"] == 8
+    analysis = json.loads((results / "base" / "analysis.json").read_text())
+    assert analysis["n_examples"] == 8 and "hardest_tokens" not in analysis  # no quotes of the data committed
+    assert "hardest_tokens" in json.loads((runs / "base" / "analysis.json").read_text())
     # SFT at a large LR moved the model: its held-out NLL and drift differ from the base; WiSE-FT's drift
     # (computed by the driver) is measured against the same base answers
     with open(results / "results.csv", newline="") as f:

@@ -207,9 +207,11 @@ class SFT(L.LightningModule):
 
     def _all_finite(self, grads: list[torch.Tensor]) -> bool:
         """One host sync, and the same answer on every rank (FSDP2 gradients are DTensor shards: each rank
-        sees only its own, so the verdict is all-reduced or ranks would diverge)."""
+        sees only its own, so the verdict is all-reduced or ranks would diverge). The per-tensor norms read
+        each gradient once without allocating a mask of its size; a norm is inf/nan iff an element is (or
+        the gradient is beyond ~1e19, where its square overflows: no less fatal)."""
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        bad = torch.stack([(~torch.isfinite(g)).any() for g in local]).any().float()
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)).float().sum())).float()
         if self.trainer.world_size > 1 and any(hasattr(g, "to_local") for g in grads):
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         return not bool(bad)
