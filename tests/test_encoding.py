@@ -94,3 +94,20 @@ def test_tokens_of_real_rows_fit_with_truncation(tokenizer, medcalc_csv):
     assert all(len(e["input_ids"]) <= 512 for e in examples)
     assert counts["truncated"] > 0  # real notes are long (median ≈ 410 prompt tokens)
     assert torch.tensor([len(e["input_ids"]) for e in examples]).max() <= 512
+
+
+def test_max_examples_is_a_seeded_subset_not_a_prefix(medcalc_csv):
+    """The real file is sorted by calculator: a prefix of 96 rows covers 7 calculators; the seeded subset
+    must spread over the file, stay in source order, be reproducible, and leave uncapped splits whole."""
+    full = MedCalc(source=str(medcalc_csv), format="label").load_splits()
+    capped = MedCalc(source=str(medcalc_csv), format="label", max_examples={"train": 96, "validation": 32}).load_splits()
+    again = MedCalc(source=str(medcalc_csv), format="label", max_examples={"train": 96, "validation": 32}).load_splits()
+    other = MedCalc(source=str(medcalc_csv), format="label", split_seed=1, max_examples={"train": 96}).load_splits()
+    assert len(capped["train"]) == 96 and len(capped["validation"]) == 32 and capped["test"] == full["test"]
+    assert [r["Row Number"] for r in capped["train"]] == [r["Row Number"] for r in again["train"]]
+    assert [r["Row Number"] for r in capped["train"]] != [r["Row Number"] for r in other["train"]]
+    position = {r["Row Number"]: i for i, r in enumerate(full["train"])}
+    order = [position[r["Row Number"]] for r in capped["train"]]
+    assert order == sorted(order)  # a subset in source order
+    prefix_calculators = {r["Calculator ID"] for r in full["train"][:96]}
+    assert len({r["Calculator ID"] for r in capped["train"]}) > 3 * len(prefix_calculators)

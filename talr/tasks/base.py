@@ -8,6 +8,7 @@ the tokenizer (chat template, label masks, batching). Adding a task means writin
 from __future__ import annotations
 
 import hashlib
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -111,5 +112,15 @@ class Task(ABC):
         """Score greedy generations against their rows with the task's official rules."""
 
     def cap(self, splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
-        """Apply `max_examples` per split (a deterministic prefix of the seeded split)."""
-        return {s: rows[: self.max_examples[s]] if s in self.max_examples else rows for s, rows in splits.items()}
+        """Apply `max_examples` per split: a seeded random subset (`split_seed`), kept in source order.
+        Not a prefix: source files are often sorted (MedCalc-Bench by calculator), and a prefix would
+        cover only the first few calculators."""
+        out = {}
+        for name, rows in splits.items():
+            k = self.max_examples.get(name)
+            if k is None or k >= len(rows):
+                out[name] = rows
+            else:
+                keep = sorted(random.Random(f"{self.split_seed}-{name}").sample(range(len(rows)), max(k, 0)))
+                out[name] = [rows[i] for i in keep]
+        return out
