@@ -110,7 +110,7 @@ def test_cot_overlay_and_method_choice():
     assert [name for name, _ in mini.plan()] == ["base", "sft_lr1e-5", "sft_lr5e-5", "sft_lr2e-4", "talr_lr2e-4"]
     task = mini.config["data"]["task"]["init_args"]
     assert task["format"] == "cot" and task["source"].endswith("test_data.csv")  # overlay merged into the base
-    assert mini.config["data"]["max_length"] == 512 and mini.config["data"]["batch_size"] == 4
+    assert mini.config["data"]["max_length"] == 640 and mini.config["data"]["batch_size"] == 4
     assert mini.result_dir("talr_lr2e-4") == "medcalc/cot/SmolLM2-135M-Instruct/talr_lr2e-4"
     assert mini.lightning("fit", "x")[:5] == ["fit", *configs]
     with pytest.raises(SystemExit):
