@@ -134,7 +134,7 @@ def test_token_share_in_a_fit(tmp_path, tiny_dir):
     cfg = fit_config(tmp_path, tiny_dir, "synthetic", method="test_analysis.SFTWithTokenStats",
                      method_args={"baseline_eval": False, "generate_in_eval": False},
                      task={"max_examples": {"train": 4, "validation": 2, "test": 2}},
-                     data={"max_length": 192, "batch_size": 2},
+                     data={"max_length": 384, "batch_size": 2},
                      trainer={"max_steps": -1, "max_epochs": 2, "limit_val_batches": 0,
                               "callbacks": [{"class_path": "talr.callbacks.token_share.HardTokenShare"}]})
     main(["fit", "--config", str(cfg)])
