@@ -131,16 +131,12 @@ def load_summary(path: Path) -> dict:
     run.update(_from_config(path.parent / "config.yaml"))
     run.update(_from_path(path.parent.resolve()))
     metrics = dict(summary.get("final") or {})
-    general = path.parent / "general.json"
-    if general.exists():
+    if (general := path.parent / "general.json").exists():
         metrics.update(general_json_metrics(general))
-    drift = path.parent / "drift.json"  # {"drift/nll_delta": ...} measured after the fact (e.g. WiSE-FT)
-    if drift.exists():
+    if (drift := path.parent / "drift.json").exists():  # measured after the fact (e.g. WiSE-FT)
         metrics.update({k: float(v) for k, v in json.loads(drift.read_text()).items() if k.startswith("drift/")})
-    run["metrics"] = metrics
-    run["baseline"] = {**(summary.get("baseline") or {}), **(summary.get("general_baseline") or {})}
-    run["sources"] = [str(path)]
-    run["mtime"] = path.stat().st_mtime
+    run.update(metrics=metrics, sources=[str(path)], mtime=path.stat().st_mtime,
+               baseline={**(summary.get("baseline") or {}), **(summary.get("general_baseline") or {})})
     return run
 
 
