@@ -31,17 +31,12 @@ from pathlib import Path
 import yaml
 
 from talr.averaging import alpha_dirname
+from talr.report import fmt_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("talr", "flow", "l2", "lora")
 WISEFT_ALPHA = 0.5  # the mid-point of base and fine-tuned weights
 COPIED = ("summary.json", "general.json", "metrics.csv", "analysis.json", "drift.json", "config.yaml")
-
-
-def lr_name(lr: float) -> str:
-    from talr.report import fmt_lr
-
-    return fmt_lr(lr)
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -71,12 +66,12 @@ class Miniature:
         self.general = callback_args(self.config, "GeneralEvalCallback")
         self.drift = callback_args(self.config, "CodeLengthDriftCallback")
         self.lrs = sorted(args.lrs)
-        self.top = lr_name(self.lrs[-1])
+        self.top = fmt_lr(self.lrs[-1])
 
     # -- plan ------------------------------------------------------------------------------------
     def plan(self) -> list[tuple[str, callable]]:
         steps = [("base", self.base)]
-        steps += [(f"sft_lr{lr_name(lr)}", self.fit_step("sft", lr)) for lr in self.lrs]
+        steps += [(f"sft_lr{fmt_lr(lr)}", self.fit_step("sft", lr)) for lr in self.lrs]
         steps += [(f"{m}_lr{self.top}", self.fit_step(m, self.lrs[-1])) for m in self.args.methods if m in METHODS]
         if "wiseft" in self.args.methods:
             steps.append((f"wiseft_lr{self.top}", self.wiseft))

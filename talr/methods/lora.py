@@ -51,6 +51,7 @@ class LoRA(SFT):
     def save_hf(self, model, path) -> None:
         """The adapter in `<path>/adapter`, the merged model (a plain HF model) in `path`."""
         model.save_pretrained(f"{path}/adapter")
-        merged = copy.deepcopy(model) if model is self.model else model  # never merge into the training model
-        merged.merge_and_unload().save_pretrained(path)
+        # never merge into the training model; a gathered copy (FSDP2) may be merged in place
+        merged = self.merged_model() if model is self.model else model.merge_and_unload()
+        merged.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
