@@ -1,6 +1,6 @@
 """Token-level loss weighting: TALR, DFT, FLOW, and the L2-to-init regulariser, as pure functions.
 
-Conventions (DESIGN.md §2):
+Conventions (docs/METHODS.md):
 
 * ``token_losses``: float tensor ``(B, T)`` of per-token ``ℓ_i = −log p_θ(token_i)``. Positions where
   ``mask`` is False are ignored whatever they hold (inf / nan included): they are selected away with
@@ -16,6 +16,13 @@ TALR: ``w_i ∝ exp(−ℓ_i/τ) = p_i^{1/τ}`` from ``min_{w∈simplex} Σ w_i 
 default normalisation is ``"simplex"`` (the paper's): ``w = N·softmax(−ℓ/τ)`` over the batch's
 supervised tokens, so the mean weight is 1 and ``τ → ∞`` recovers plain SFT. ``"mean"`` keeps the
 unnormalised ``p^{1/τ}``. Both are followed by the floor ``w ← max(w, w_min)``.
+
+Truncation (the paper's "extreme experiment"): ``w_i = 1[p_i ≥ p_min]``: tokens the model finds hard get no
+gradient at all, instead of a small one.
+
+L2-to-init comes in three forms (``L2Form``): ``"mean"`` adds ``λ·Σ(θ−θ0)²/P`` to the loss (FLOW's code),
+``"sum"`` adds ``λ·Σ(θ−θ0)²``, and ``"decoupled"`` adds nothing to the loss but moves the weights after each
+optimizer step: ``θ ← θ − lr_t·λ·(θ−θ0)`` (:func:`pull_toward_init_`).
 """
 
 from __future__ import annotations
@@ -35,10 +42,13 @@ except ImportError:  # pragma: no cover - torch builds without distributed
 TAU_MIN = 1e-6
 Normalize = Literal["simplex", "mean"]
 NORMALIZATIONS = ("simplex", "mean")
+L2Form = Literal["mean", "sum", "decoupled"]
+L2_FORMS = ("mean", "sum", "decoupled")
 
 __all__ = [
-    "sequence_mean_losses", "dynamic_tau", "talr_weights", "talr_stats", "dft_weights",
+    "sequence_mean_losses", "dynamic_tau", "talr_weights", "talr_stats", "dft_weights", "truncation_weights",
     "flow_sample_weights", "weighted_token_loss_sum", "l2_to_init_value", "add_l2_to_init_grad_",
+    "l2_penalty_scale", "pull_toward_init_", "L2_FORMS",
 ]
 
 
@@ -152,11 +162,14 @@ def talr_weights(
         return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def talr_stats(weights: torch.Tensor, mask: torch.Tensor, w_min: float | None) -> dict[str, torch.Tensor]:
+def talr_stats(weights: torch.Tensor, mask: torch.Tensor, w_min: float | None,
+               token_losses: torch.Tensor | None = None, hard_p: float = 0.2) -> dict[str, torch.Tensor]:
     """Diagnostics of a weight tensor over the supervised tokens (detached 0-dim float tensors).
 
     mean_weight: Σw / N. floor_share: share of tokens with ``w <= w_min·(1+1e-6)`` (0 when w_min is
     0/None). effective_tokens: (Σw)² / Σw² (N for uniform weights, 1 for a one-hot weight).
+    With ``token_losses``: hard_weight_share: the share of the total weight on hard tokens, Σ_{p<hard_p} w / Σw
+    (p = exp(−ℓ); under SFT it is simply the share of hard tokens).
     """
     mask = _check(weights, mask)
     with torch.no_grad():
@@ -170,12 +183,33 @@ def talr_stats(weights: torch.Tensor, mask: torch.Tensor, w_min: float | None) -
         else:
             floor = zero
         eff = torch.where(sq > 0, total * total / torch.where(sq > 0, sq, torch.ones_like(sq)), zero)
-        return {"mean_weight": mean, "floor_share": floor, "effective_tokens": eff}
+        out = {"mean_weight": mean, "floor_share": floor, "effective_tokens": eff}
+        if token_losses is not None:
+            hard = mask & (_float(token_losses) > -math.log(hard_p))
+            hard_w = torch.where(hard, w, zero).sum()
+            out["hard_weight_share"] = torch.where(total > 0, hard_w / torch.where(total > 0, total, torch.ones_like(total)), zero)
+        return out
 
 
 def dft_weights(token_losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """DFT (Wu et al. 2025): ``w_i = p_i = exp(−ℓ_i)`` detached = TALR(τ=1, "mean", no floor)."""
     return talr_weights(token_losses, mask, tau=1.0, w_min=0.0, normalize="mean")
+
+
+def truncation_weights(token_losses: torch.Tensor, mask: torch.Tensor, p_min: float) -> torch.Tensor:
+    """The "extreme experiment": ``w_i = 1`` if ``p_i ≥ p_min`` else 0 (detached, (B, T), 0 off-mask).
+
+    Tokens the model finds hard (p below ``p_min``) get no gradient at all, not a small one. With the
+    trainer's loss Σ w_i ℓ_i / N, N still counts every supervised token (dropped ones included), so the
+    kept tokens' gradient is exactly SFT's for those tokens.
+    """
+    if not 0.0 <= float(p_min) < 1.0:
+        raise ValueError(f"p_min must be in [0, 1), got {p_min}")
+    mask = _check(token_losses, mask)
+    with torch.no_grad():
+        losses = _float(token_losses)
+        keep = mask & (losses <= -math.log(p_min)) if p_min > 0 else mask
+        return keep.to(losses.dtype)
 
 
 def flow_sample_weights(sample_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,11 +288,23 @@ def l2_to_init_value(
     return total / numel_total
 
 
+def l2_penalty_scale(form: str, numel_total: int) -> float:
+    """c in the coupled penalty λ·c·Σ(θ−θ0)²: 1/P for ``"mean"`` (FLOW's code), 1 for ``"sum"``."""
+    if form == "mean":
+        if numel_total <= 0:
+            raise ValueError(f"numel_total must be positive, got {numel_total}")
+        return 1.0 / numel_total
+    if form == "sum":
+        return 1.0
+    raise ValueError(f"form {form!r} has no loss term (the coupled forms are 'mean' and 'sum')")
+
+
 def add_l2_to_init_grad_(
     params: Iterable[torch.Tensor], init_params: Iterable[torch.Tensor], lam: float, numel_total: int
 ) -> None:
     """In place: ``θ.grad += λ · 2(θ − θ0) / P`` (the gradient of λ·Σ(θ−θ0)²/P); creates missing grads.
 
+    ``numel_total = 1`` gives the sum form's gradient 2λ(θ − θ0).
     Works for plain tensors and for DTensors with θ0 sharded like θ (elementwise, no communication).
     """
     if numel_total <= 0:
@@ -271,3 +317,21 @@ def add_l2_to_init_grad_(
                 p.grad = diff.mul_(scale)
             else:
                 p.grad.add_(diff.to(p.grad.dtype), alpha=scale)
+
+
+def pull_toward_init_(params: Iterable[torch.Tensor], init_params: Iterable[torch.Tensor], weight: float) -> None:
+    """In place: ``θ ← θ − weight·(θ − θ0)``, i.e. ``θ ← θ0 + (1 − weight)(θ − θ0)`` (decoupled L2-to-init).
+
+    The trainer calls it after each optimizer step with ``weight = lr_t·λ`` (lr_t: the learning rate that
+    step used), as AdamW applies weight decay but toward θ0 instead of 0. Elementwise on the local tensors, so
+    FSDP2 shards need no communication as long as θ0 is sharded like θ. ``weight`` must be in [0, 1].
+    """
+    weight = float(weight)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the pull weight lr·λ must be in [0, 1], got {weight}")
+    if weight == 0.0:
+        return
+    with torch.no_grad():
+        pairs = [(_local(p), _local(p0)) for p, p0 in zip(params, init_params, strict=True)]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [b.to(device=a.device, dtype=a.dtype) for a, b in pairs], weight)

@@ -78,6 +78,21 @@ class PFLOW(ShardedProbe, FLOW): ...
 class PL2(ShardedProbe, L2Init): ...
 
 
+class PL2Moved(PL2):
+    """L2-to-init with the weights moved off θ0 by a fixed δ before the step (θ0 taken first), so the coupled
+    penalty has a gradient to add; the decoupled pull acts after the step either way."""
+
+    def on_train_start(self):
+        super().on_train_start()
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                delta = 0.01 * torch.randn(p.shape, generator=g)  # the same full tensor on every rank
+                p.add_(distribute_tensor(delta, p.device_mesh, p.placements) if isinstance(p, DTensor) else delta)
+
+
 class PNaN(ShardedProbe, SFT):
     """A non-finite gradient in rank 1's shard only."""
 
@@ -97,6 +112,8 @@ CASES = {
     "talr": (PTALR, {}),
     "flow": (PFLOW, {"flow_cache": None}),
     "l2": (PL2, {"l2_lambda": 50.0}),
+    "l2-sum": (PL2Moved, {"l2_lambda": 1.0, "l2_form": "sum"}),
+    "l2-decoupled": (PL2Moved, {"l2_lambda": 0.5, "l2_form": "decoupled"}),  # lr·λ = 0.25 of the deviation
     "nan": (PNaN, {"nonfinite": "skip"}),
 }
 
@@ -151,8 +168,9 @@ def assert_same(a: dict, b: dict, what: str):
         torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
 
 
-@pytest.mark.parametrize("case,chunk", [("sft", 0), ("talr", 0), ("flow", 0), ("l2", 0), ("talr", 16), ("flow", 16)],
-                         ids=["sft", "talr", "flow", "l2", "talr-chunked", "flow-chunked"])
+@pytest.mark.parametrize("case,chunk", [("sft", 0), ("talr", 0), ("flow", 0), ("l2", 0), ("l2-sum", 0), ("l2-decoupled", 0),
+                                        ("talr", 16), ("flow", 16)],
+                         ids=["sft", "talr", "flow", "l2", "l2-sum", "l2-decoupled", "talr-chunked", "flow-chunked"])
 def test_sharded_equals_unsharded(tmp_path, tiny_model_dir, case, chunk):
     single = unsharded(tmp_path, tiny_model_dir, case, chunk)
     fsdp = sharded(tmp_path, tiny_model_dir, case, chunk)

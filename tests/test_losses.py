@@ -12,10 +12,13 @@ from talr.losses import (
     dft_weights,
     dynamic_tau,
     flow_sample_weights,
+    l2_penalty_scale,
     l2_to_init_value,
+    pull_toward_init_,
     sequence_mean_losses,
     talr_stats,
     talr_weights,
+    truncation_weights,
     weighted_token_loss_sum,
 )
 
@@ -264,3 +267,61 @@ def test_l2_to_init_value_and_grad_match_autograd():
     assert all(torch.count_nonzero(p.grad) == 0 for p in fresh)
     with pytest.raises(ValueError):
         l2_to_init_value(params[:1], init, numel)  # length mismatch (zip strict)
+
+
+def test_l2_penalty_scale_per_form():
+    assert l2_penalty_scale("mean", 17) == pytest.approx(1 / 17)
+    assert l2_penalty_scale("sum", 17) == 1.0
+    with pytest.raises(ValueError, match="no loss term"):
+        l2_penalty_scale("decoupled", 17)
+
+
+def test_l2_sum_form_gradient_is_2_lambda_delta():
+    init = [T([1.0, -2.0]), T([[0.5]])]
+    params = [torch.nn.Parameter(T([1.5, -2.0])), torch.nn.Parameter(T([[0.25]]))]
+    add_l2_to_init_grad_(params, init, 0.1, 1)  # numel_total 1 = the sum form λ·Σ(θ−θ0)²
+    close(params[0].grad, [2 * 0.1 * 0.5, 0.0])
+    close(params[1].grad, [[2 * 0.1 * -0.25]])
+    close(l2_to_init_value(params, init, 1), 0.25 + 0.0625)
+
+
+def test_decoupled_pull_moves_a_share_of_the_deviation_back():
+    """θ ← θ − w·(θ − θ0), by hand: θ0 = 1, θ = 3, w = 0.25 → 2.5; θ = θ0 stays put; w = 1 lands on θ0."""
+    init = [T([1.0, -1.0]), T([0.0])]
+    params = [torch.nn.Parameter(T([3.0, -1.0])), torch.nn.Parameter(T([-4.0]))]
+    pull_toward_init_(params, init, 0.25)
+    close(params[0].detach(), [2.5, -1.0])
+    close(params[1].detach(), [-3.0])
+    assert params[0].grad is None  # no gradient is involved
+    pull_toward_init_(params, init, 1.0)
+    close(params[0].detach(), [1.0, -1.0])
+    close(params[1].detach(), [0.0])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="lr·λ"):
+            pull_toward_init_(params, init, bad)
+
+
+# --- truncation (the "extreme experiment") -------------------------------------------------------
+
+def test_truncation_weights_drop_tokens_below_p_min():
+    # p = exp(−ℓ): 0.905, 0.368, 0.0498, and p_min 0.2 keeps the first two; off-mask positions are 0 whatever they hold
+    losses = T([[0.1, 1.0, 3.0, math.inf]])
+    mask = T([[True, True, True, False]])
+    close(truncation_weights(losses, mask, 0.2), [[1.0, 1.0, 0.0, 0.0]])
+    close(truncation_weights(losses, mask, 0.0), [[1.0, 1.0, 1.0, 0.0]])  # p_min 0: plain SFT
+    # exactly at the threshold: kept (p ≥ p_min)
+    close(truncation_weights(T([[-math.log(0.5)]]), T([[True]]), 0.5), [[1.0]])
+    # the loss Σ w ℓ: gradient 1 for kept tokens, exactly 0 for dropped ones
+    leaf = losses[:, :3].clone().requires_grad_(True)
+    weighted_token_loss_sum(leaf, mask[:, :3], truncation_weights(leaf, mask[:, :3], 0.2)).backward()
+    close(leaf.grad, [[1.0, 1.0, 0.0]])
+    with pytest.raises(ValueError, match="p_min"):
+        truncation_weights(losses, mask, 1.0)
+
+
+def test_hard_weight_share_is_the_weight_on_tokens_below_p():
+    losses, mask = one_row(L3)  # p = 0.905, 0.368, 0.0498: one hard token at 0.2
+    w = T([[1.0, 2.0, 5.0]])
+    close(talr_stats(w, mask, None, token_losses=losses)["hard_weight_share"], 5.0 / 8.0)
+    close(talr_stats(w, mask, None, token_losses=losses, hard_p=0.5)["hard_weight_share"], 7.0 / 8.0)
+    assert "hard_weight_share" not in talr_stats(w, mask, None)

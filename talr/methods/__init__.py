@@ -4,8 +4,9 @@
 |---|---|
 | SFT | — (completion-only cross-entropy, Σℓ/N) |
 | TALR, DFT | `weighted_loss_sum`: token weights from the same forward pass |
+| TruncatedSFT | `weighted_loss_sum`: weight 0 for tokens with p < p_min (the "extreme experiment") |
 | FLOW | `weighted_loss_sum`: per-sample weights from the initial model |
-| L2Init | `after_gradient_normalized`: adds the gradient of λ·Σ(θ−θ0)²/P |
+| L2Init | `after_gradient_normalized`: adds the gradient of λ·Σ(θ−θ0)²/P (or ·Σ); decoupled: `optimizer_step` pulls θ toward θ0 |
 | LoRA | `prepare_model`: peft adapters |
 """
 
@@ -13,6 +14,6 @@ from talr.methods.flow import FLOW
 from talr.methods.l2 import L2Init
 from talr.methods.lora import LoRA
 from talr.methods.sft import SFT
-from talr.methods.talr import DFT, TALR
+from talr.methods.talr import DFT, TALR, TruncatedSFT
 
-__all__ = ["SFT", "TALR", "DFT", "FLOW", "L2Init", "LoRA"]
+__all__ = ["SFT", "TALR", "DFT", "TruncatedSFT", "FLOW", "L2Init", "LoRA"]

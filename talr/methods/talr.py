@@ -1,4 +1,5 @@
-"""TALR — token-adaptive loss reweighting (the paper's method) and DFT, its τ=1 special case."""
+"""TALR — token-adaptive loss reweighting (the paper's method), DFT (its τ=1 special case), and TruncatedSFT
+(the "extreme experiment": hard tokens get no gradient at all). Definitions: docs/METHODS.md."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from typing import Literal
 
 import torch
 
-from talr.losses import dft_weights, dynamic_tau, talr_stats, talr_weights, weighted_token_loss_sum
+from talr.losses import (
+    dft_weights, dynamic_tau, talr_stats, talr_weights, truncation_weights, weighted_token_loss_sum,
+)
 from talr.methods.sft import SFT
 
 
@@ -38,7 +41,7 @@ class TALR(SFT):
         detached = token_losses.detach()
         tau = torch.as_tensor(self.tau) if self.tau is not None else dynamic_tau(detached, mask, sync=sync)
         weights = talr_weights(detached, mask, tau=tau, w_min=self.w_min, normalize=self.normalize, sync=sync)
-        stats = {"tau": tau.float(), **talr_stats(weights, mask, self.w_min)}
+        stats = {"tau": tau.float(), **talr_stats(weights, mask, self.w_min, token_losses=detached)}
         return weighted_token_loss_sum(token_losses, mask, weights), stats
 
 
@@ -47,4 +50,27 @@ class DFT(SFT):
 
     def weighted_loss_sum(self, token_losses, mask, batch):
         weights = dft_weights(token_losses.detach(), mask)
-        return weighted_token_loss_sum(token_losses, mask, weights), talr_stats(weights, mask, 0.0)
+        return weighted_token_loss_sum(token_losses, mask, weights), talr_stats(weights, mask, 0.0, token_losses=token_losses)
+
+
+class TruncatedSFT(SFT):
+    """SFT on the tokens the model already predicts with p ≥ `p_min`; the others get zero gradient.
+
+    The paper's "extreme experiment" (truncation, not down-weighting): w_i = 1[p_i ≥ p_min] from the same
+    forward pass, under stop-gradient. The loss is Σ w_i ℓ_i / N with N every supervised token, so a kept
+    token's gradient is exactly SFT's. Logged: `train/kept_share` (share of supervised tokens trained on).
+
+    Args:
+        p_min: probability threshold (0.2, the paper's hard-token threshold); 0 = plain SFT.
+    """
+
+    def __init__(self, *args, p_min: float = 0.2, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= p_min < 1.0:
+            raise ValueError(f"p_min must be in [0, 1), got {p_min}")
+        self.p_min = p_min
+
+    def weighted_loss_sum(self, token_losses, mask, batch):
+        weights = truncation_weights(token_losses.detach(), mask, self.p_min)
+        kept = weights.sum() / mask.sum().clamp_min(1)
+        return weighted_token_loss_sum(token_losses, mask, weights), {"kept_share": kept}
