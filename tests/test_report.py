@@ -79,7 +79,7 @@ def test_mean_over_models(result):
 def test_files(result, tmp_path):
     out = result["files"][0].parent
     names = {p.name for p in result["files"]}
-    assert names == {"runs.csv", "means.csv", "tables.md", "pareto.png", "pareto.pdf"}
+    assert names == {"runs.csv", "experiments.csv", "means.csv", "tables.md", "pareto.png", "pareto.pdf"}
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "pareto.pdf").read_bytes()[:5] == b"%PDF-"
     with (out / "means.csv").open() as f:
@@ -121,3 +121,147 @@ def test_helpers():
     assert paper_numbers.lookup("medcalc", "Qwen/Qwen3-4B", "talr", 1e-6) == (0.489, 0.788)
     assert paper_numbers.lookup("medcalc", paper_numbers.MEAN, "lora", 5e-6) is None
     assert len(paper_numbers.rows()) == len(paper_numbers.REPORTED) == 14
+
+
+# -- experiments, repeats, and what was merged -------------------------------------------------------
+def make_run(root: Path, name: str, *, source="synthetic", steps=16, seed=0, lr=1e-4, acc=0.5, general=None,
+             drift=0.1, method="talr.methods.SFT", max_examples=64, mtime=None) -> Path:
+    """A run directory as `talr fit` leaves it: summary.json and the config.yaml LightningCLI saved."""
+    import json
+
+    import yaml
+
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"seed_everything": seed,
+              "trainer": {"max_epochs": 1, "max_steps": -1, "accumulate_grad_batches": 1, "devices": 1},
+              "model": {"class_path": method, "init_args": {"pretrained": "builtin:SmolLM2-135M-Instruct", "lr": lr,
+                                                            "max_new_tokens": 24, "loss_chunk_size": 1024}},
+              "data": {"task": {"class_path": "talr.tasks.MedCalc",
+                                "init_args": {"source": source, "format": "label",
+                                              "max_examples": {"train": max_examples, "validation": 16}}},
+                       "max_length": 512, "batch_size": 4, "seed": 0}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    final = {"val/acc": acc, "val/nll": 1.0, "drift/nll_delta": drift}
+    if general is not None:
+        final["general/score"] = general
+    summary = {"method": method.rsplit(".", 1)[-1], "task": {"domain": "medcalc", "format": "label", "source": source},
+               "hparams": {"pretrained": "builtin:SmolLM2-135M-Instruct", "lr": lr, "max_new_tokens": 24},
+               "data": {"rows/train": max_examples, "rows/validation": 16}, "baseline": {"val/acc": 0.0},
+               "final": final, "optimizer_steps": steps, "wall_time_s/fit": 100.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    if mtime is not None:
+        import os
+
+        os.utime(run / "summary.json", (mtime, mtime))
+    return run
+
+
+def test_different_experiments_are_not_merged(tmp_path, caplog):
+    # the issue's case: the synthetic quickstart (16 steps) and a real-data run (4 steps), same method and LR
+    make_run(tmp_path / "runs", "quickstart", source="synthetic", steps=16, acc=0.0625, general=0.2)
+    make_run(tmp_path / "runs", "real", source="../shared/data/medcalc_bench/test_data.csv", steps=4, acc=0.25,
+             drift=0.3, max_examples=16)
+    out = report([str(tmp_path / "runs")], tmp_path / "out", plot=False)
+    rows = out["experiments"]
+    assert len(rows) == 2 and all(r["n"] == 1 for r in rows)
+    synthetic = next(r for r in rows if "source=synthetic" in r["setup"])
+    real = next(r for r in rows if "source=test_data.csv" in r["setup"])
+    assert "steps=16" in synthetic["setup"] and "steps=4" in real["setup"]
+    assert "task.max_examples" in real["setup"]
+    # each row keeps its own scores: no domain score from one run and drift from the other
+    assert (synthetic["domain_score"], synthetic["drift"], synthetic["general_score"]) == (0.0625, approx(0.1), 0.2)
+    assert (real["domain_score"], real["drift"], real["general_score"]) == (0.25, approx(0.3), None)
+    # two panels, one per setup, so neither Pareto front mixes the two data sets
+    assert len({(r["domain"], r["format"], r["setup"]) for r in out["means"]}) == 2
+    assert "nothing: every run is its own row" in out["markdown"]
+
+
+def test_runs_differing_only_in_seed_are_repeats(tmp_path, caplog):
+    import logging
+
+    for seed, acc in ((0, 0.50), (1, 0.60), (2, 0.70)):
+        make_run(tmp_path / "runs", f"seed{seed}", seed=seed, acc=acc, general=0.4 + seed / 10)
+    make_run(tmp_path / "runs", "other_lr", lr=2e-4, acc=0.1, general=0.1)
+    with caplog.at_level(logging.INFO, logger="talr.report"):
+        out = report([str(tmp_path / "runs")], tmp_path / "out", plot=False)
+    assert len(out["runs"]) == 4 and len(out["experiments"]) == 2
+    r = cell(out["experiments"], lr=1e-4)
+    assert (r["n"], r["seeds"]) == (3, "0/0,1/0,2/0")  # seed_everything/data.seed of each repeat
+    assert r["domain_score"] == approx(0.60) and r["domain_score_sd"] == approx(0.10)
+    assert r["general_score"] == approx(0.50) and r["general_score_sd"] == approx(0.10)
+    assert r["setup"] == ""  # nothing but the seed differs
+    assert cell(out["experiments"], lr=2e-4)["domain_score_sd"] is None
+    assert "3 runs of sft 1e-4 (SmolLM2-135M-Instruct) are repeats (seeds 0/0,1/0,2/0)" in out["markdown"]
+    assert "| 0.600 ± 0.100 |" in out["markdown"]
+    assert any("3 runs are repeats" in m and "different seeds" in m for m in caplog.messages)
+    runs_csv = (tmp_path / "out" / "runs.csv").read_text().splitlines()
+    assert len(runs_csv) == 5 and runs_csv[0].startswith("domain,format,model,method,lr,alpha,setup,seed,")
+
+
+def test_same_seed_reruns_are_repeats_and_said_so(tmp_path, caplog):
+    import logging
+
+    make_run(tmp_path / "runs", "a", acc=0.5)
+    make_run(tmp_path / "runs", "b", acc=0.5)
+    with caplog.at_level(logging.INFO, logger="talr.report"):
+        out = report([str(tmp_path / "runs")], tmp_path / "out", plot=False)
+    assert [r["n"] for r in out["experiments"]] == [2]
+    assert any("identical settings and seeds (reruns)" in m for m in caplog.messages)
+
+
+def test_later_files_of_a_run_are_folded_into_it(tmp_path):
+    import json
+
+    import yaml
+
+    run = make_run(tmp_path / "runs", "fit", acc=0.5, mtime=1_000_000)
+    # `talr test` into another directory, from this run's checkpoint (config.yaml names it)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    test_dir = tmp_path / "runs" / "test_version_1"
+    test_dir.mkdir()
+    (test_dir / "config.yaml").write_text(yaml.safe_dump({"ckpt_path": str(run / "checkpoints" / "last.ckpt")}))
+    (test_dir / "summary.json").write_text(json.dumps({"method": "SFT", "final": {"test/acc": 0.75},
+                                                       "wall_time_s/test": 10.0}))
+    # `talr evaluate --model <run>/hf --output elsewhere.json`, given explicitly
+    (run / "hf").mkdir()
+    evaluated = tmp_path / "elsewhere.json"
+    evaluated.write_text(json.dumps({"general/score": 0.33, "results": {}, "settings": {"model": str(run / "hf")}}))
+    # a base model evaluated on its own: a row of its own
+    base = tmp_path / "runs" / "evaluate" / "builtin_SmolLM2-135M-Instruct"
+    base.mkdir(parents=True)
+    (base / "general.json").write_text(json.dumps({"general/score": 0.5, "results": {},
+                                                   "settings": {"model": "builtin:SmolLM2-135M-Instruct"}}))
+    out = report([str(tmp_path / "runs")], tmp_path / "out", plot=False, general_jsons=[str(evaluated)])
+    assert len(out["runs"]) == 2
+    r = cell(out["runs"], method="sft")
+    assert (r["domain_score"], r["domain_metric"], r["general_score"]) == (0.75, "test/acc", 0.33)
+    assert cell(out["runs"], method="base")["general_score"] == 0.5
+    assert "2 later file(s) folded into the run" in out["markdown"] and "test_version_1" in out["markdown"]
+
+
+def test_missing_general_score_is_said_on_the_plot_and_in_the_log(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import matplotlib.pyplot as plt
+
+    make_run(tmp_path / "runs", "quickstart", acc=0.0625)  # the quickstart: drift, no general score
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    with caplog.at_level(logging.WARNING, logger="talr.report"):
+        out = report([str(tmp_path / "runs")], tmp_path / "out")
+    texts = [t.get_text() for ax in figures[0].axes for t in ax.texts]
+    assert any("Not plotted" in t and "sft 1e-4: no general score" in t and "talr evaluate" in t for t in texts)
+    assert any("has no general score" in m and "talr evaluate --model <run>/hf" in m for m in caplog.messages)
+    assert "## Not on the Pareto plot" in out["markdown"]
+
+
+def test_evaluate_writes_beside_the_run_by_default(tmp_path, monkeypatch):
+    from talr.general.cli import default_output
+
+    run = make_run(tmp_path, "run")
+    (run / "hf").mkdir()
+    assert default_output(str(run / "hf")) == run / "general.json"
+    assert default_output("builtin:SmolLM2-135M-Instruct") == Path("runs/evaluate/builtin_SmolLM2-135M-Instruct/general.json")
+    assert default_output("Qwen/Qwen2.5-3B-Instruct") == Path("runs/evaluate/Qwen2.5-3B-Instruct/general.json")

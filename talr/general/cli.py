@@ -42,8 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0, mps, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--output", default=None, help="write the full results as JSON to this file")
+    p.add_argument("--output", default=None,
+                   help="JSON file for the full results (default: <run>/general.json when --model is a run's hf/ "
+                        "directory, where `talr report` finds it; else runs/evaluate/<model>/general.json)")
     return p
+
+
+def default_output(model: str) -> Path:
+    """Beside the run when `model` is a run's exported `hf/` (or a `talr average` output), else under runs/."""
+    path = Path(model).expanduser()
+    if path.name == "hf" and any((path.parent / f).exists() for f in ("summary.json", "config.yaml")):
+        return path.parent / "general.json"
+    if (path / "averaging.json").exists():
+        return path / "general.json"
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in model.rstrip("/").rsplit("/", 1)[-1])
+    return Path("runs") / "evaluate" / name / "general.json"
 
 
 def resolve_device(device: str) -> str:
@@ -106,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     print(f"lm-eval {result['versions']['lm_eval']}, task versions {result['versions']['tasks']}, "
           f"{result['wall_time_s']['evaluate']:.1f} s")
-    if args.output:
-        out = Path(args.output).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-        print(f"wrote {out}")
+    out = Path(args.output).expanduser() if args.output else default_output(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return 0
 
 
