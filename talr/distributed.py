@@ -138,6 +138,13 @@ def shard_model(
     # The root (embeddings, final norm, output layer) stays gathered from its forward to its backward, FSDP2's
     # default for roots: the loss reads the output weight right after `model(...)`, and backward needs it next.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    if model is not _base(model):
+        # peft's `generate` calls the base model directly, never the wrapper's forward, so the root's hooks
+        # would not gather the embeddings (`aten.embedding got mixed torch.Tensor and DTensor`); make
+        # `generate` a forward method of the root, with FSDP's pre-/post-forward hooks around it.
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "generate")
     log.info("FSDP2: %d %s units + root on a %d-way data-parallel mesh", len(layers),
              "/".join(sorted({type(m).__name__ for m in layers})), mesh.size())
     return model

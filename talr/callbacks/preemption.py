@@ -23,9 +23,16 @@ class CheckpointOnSigterm(L.Callback):
     def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt"):
         self.dirpath = dirpath
         self.filename = filename
+        self.log_dir: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        self.log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank, here
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not trainer.received_sigterm:
+        received = trainer.received_sigterm
+        if trainer.world_size > 1:  # the signal reaches ranks at different moments; saving is a collective
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
             return
         window_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.fit_loop.epoch_loop.done
         if not window_done:
@@ -33,7 +40,7 @@ class CheckpointOnSigterm(L.Callback):
                         "last periodic checkpoint", batch_idx)
             return
         folder = self.dirpath or (trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None)
-        folder = folder or str(Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints")
+        folder = folder or str(Path(self.log_dir or trainer.default_root_dir) / "checkpoints")
         path = Path(folder) / self.filename
         trainer.save_checkpoint(path)
         log.warning("SIGTERM: saved %s at optimizer step %d; resume with --ckpt_path %s", path, trainer.global_step, path)

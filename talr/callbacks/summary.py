@@ -37,6 +37,11 @@ class RunSummary(L.Callback):
         self.filename = filename
         self.t0 = time.time()
         self.summary: dict = {}
+        self.log_dir: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # `trainer.log_dir` is a broadcast (a collective): resolve it here, on every rank, never on rank 0 alone
+        self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t0 = time.time()
@@ -50,7 +55,7 @@ class RunSummary(L.Callback):
 
     def _resume(self, trainer) -> None:
         self.t0 = time.time()
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path = self.log_dir / self.filename
         if not self.summary and path.exists():  # `talr test|validate` after `talr fit`: extend the fit's summary
             self.summary = json.loads(path.read_text())
 
@@ -75,7 +80,7 @@ class RunSummary(L.Callback):
         })
         if not trainer.is_global_zero:
             return
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path = self.log_dir / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.summary, indent=2, sort_keys=True))

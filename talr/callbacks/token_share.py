@@ -47,6 +47,11 @@ class HardTokenShare(Callback):
         self._above: torch.Tensor | None = None
         self._total: torch.Tensor | None = None
         self._warned = False
+        self.log_dir: Path | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # `trainer.log_dir` is a broadcast (a collective): resolve it on every rank, not in rank 0's `_write`
+        self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def _counts(self, stats) -> tuple[torch.Tensor, torch.Tensor]:
         first, second = stats
@@ -97,7 +102,7 @@ class HardTokenShare(Callback):
     def _write(self, trainer) -> None:
         if not self.filename:
             return
-        path = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        path = self.log_dir / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"threshold": self.threshold, "metric": self.metric, "history": self.history},
                                    indent=2) + "\n")
