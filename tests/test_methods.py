@@ -68,6 +68,17 @@ def test_l2_distance_grows_from_zero(tmp_path, tiny_model_dir):
     assert dist[0] == 0.0 and dist[1] > 0 and dist[2] > dist[1]
 
 
+def test_truncated_sft_trains_only_tokens_above_p_min(tmp_path, tiny_model_dir):
+    # a random model gives every token p ≈ 1/49152: p_min 1e-4 drops them all (zero loss), 1e-9 keeps them all
+    (tmp_path / "all").mkdir()
+    (tmp_path / "none").mkdir()
+    rows = run(tmp_path / "all", tiny_model_dir, "TruncatedSFT", p_min=1e-9)
+    assert series(rows, "train/kept_share") == [1.0, 1.0, 1.0]
+    assert series(rows, "train/loss") == pytest.approx(series(rows, "train/ce"))
+    rows = run(tmp_path / "none", tiny_model_dir, "TruncatedSFT", p_min=1e-4)
+    assert series(rows, "train/kept_share") == [0.0, 0.0, 0.0] and series(rows, "train/loss") == [0.0, 0.0, 0.0]
+
+
 def test_lora_trains_only_adapters_and_exports_merged(tmp_path, tiny_model_dir, tokenizer):
     module = LoRA(pretrained=str(tiny_model_dir), r=4, lora_alpha=8)
     module.configure_model()

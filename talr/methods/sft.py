@@ -273,6 +273,7 @@ class SFT(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         token_losses, mask = self.token_losses(batch)
+        self._last_eval_token_stats = (token_losses.detach(), mask)  # read by talr.callbacks.AnswerSpanNLL
         acc = self._eval_nll[stage]
         acc[0] += float(token_losses.where(mask, 0.0).sum())
         acc[1] += float(mask.sum())
