@@ -119,8 +119,10 @@ def test_helpers():
     assert [fmt_lr(x) for x in (1e-6, 5e-6, 2e-5, 1.5e-4, 2e-4)] == ["1e-6", "5e-6", "2e-5", "1.5e-4", "2e-4"]
     assert pareto_front([(0.5, 0.5), (0.6, 0.4), (0.4, 0.4), (None, 0.9), (0.5, 0.5)]) == [True, True, False, False, True]
     assert paper_numbers.lookup("medcalc", "Qwen/Qwen3-4B", "talr", 1e-6) == (0.489, 0.788)
+    assert paper_numbers.lookup("medcalc", "Qwen2.5-3B-Instruct", "flow", 1e-6) == (0.364, 0.597)
+    assert paper_numbers.lookup("medcalc", "Qwen3-4B", "l2", 1e-6) == (0.469, 0.796)
     assert paper_numbers.lookup("medcalc", paper_numbers.MEAN, "lora", 5e-6) is None
-    assert len(paper_numbers.rows()) == len(paper_numbers.REPORTED) == 14
+    assert len(paper_numbers.rows()) == len(paper_numbers.REPORTED) == 22  # 10 means + 2 models x 6 methods at 1e-6
 
 
 # -- experiments, repeats, and what was merged -------------------------------------------------------
