@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--hardest", type=int, default=20, help="how many hardest tokens to list")
     p.add_argument("--context", type=int, default=8, help="tokens of context each side of a hard token")
-    p.add_argument("--output", default="analysis.json", help="JSON file to write")
+    p.add_argument("--output", default=None, help="JSON file to write (default: paper_figures/analysis/"
+                   "<model>_<task>_<format>_<split>.json, where notebooks/figure3_tokens.ipynb reads)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                      progress=not args.no_progress, hardest=args.hardest, context=args.context)
     result = {"model": args.model, "task": args.task, "source": args.source, "format": args.format,
               "split": args.split, "limit": args.limit, "max_length": args.max_length, **result}
-    out = Path(args.output)
+    model_name = Path(args.model.split(":")[-1]).name or "model"  # builtin:X, hub org/X, /path/X -> X
+    out = Path(args.output or f"paper_figures/analysis/{model_name}_{args.task}_{args.format}_{args.split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['n_examples']} examples, {result['n_tokens']} supervised tokens; "

@@ -11,7 +11,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 NOTEBOOKS = {
     "figure1_lr_sweep": ["figure1_lr_sweep"],
     "figure2_methods": ["figure2_methods", "figure2_pareto"],
-    "figure3_tokens": ["figure3_tokens"],
+    "figure3_tokens": ["figure3_tokens", "figure3_hard_tokens"],
 }
 
 
@@ -32,4 +32,4 @@ def test_notebook_runs_and_writes_figures(name, tmp_path, monkeypatch):
     if name != "figure3_tokens":
         assert "12 runs from" in outputs
     else:
-        assert "1 analyses, 2 token-share histories" in outputs
+        assert "1 analyses, 2 token-share histories, 1 hard-token histories" in outputs

@@ -264,12 +264,14 @@ class SFT(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
-        out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )
-        return self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        """Greedy answers to left-padded prompts, stopped at the run's end-of-turn ids (talr.chat, talr.generation)."""
+        from talr.chat import chat_format_of
+        from talr.generation import decode_answers, greedy_generate
+
+        chat_format = chat_format_of(self)
+        answers = greedy_generate(self.model, self.tokenizer, input_ids, attention_mask, self.hparams.max_new_tokens,
+                                  chat_format)
+        return decode_answers(self.tokenizer, answers, chat_format)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         token_losses, mask = self.token_losses(batch)
