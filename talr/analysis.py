@@ -6,7 +6,7 @@
 For every supervised (response) token of the first `--limit` rows of a split, p_i = p_θ(token_i | prefix)
 under the model (batched forward passes, no gradient). Writes JSON: a 20-bin histogram of p, the shares of
 tokens with p < 0.05 / 0.1 / 0.2 / 0.5, median p, mean NLL, the 20 hardest tokens with ±8 tokens of decoded
-context, and advice derived from the paper's guidelines (DESIGN.md §1) with these numbers in it.
+context, and advice derived from the paper's guidelines (docs/PAPER.md) with these numbers in it.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def hardest_tokens(nll, positions, examples, tokenizer, k: int = 20, context: in
 
 
 def advice(stats: dict, fmt: str) -> list[str]:
-    """The paper's guidelines (DESIGN.md §1), applied to this data set's numbers."""
+    """The paper's guidelines (docs/PAPER.md), applied to this data set's numbers."""
     from talr.paper_numbers import lookup, MEAN
 
     sft1, sft5 = lookup("medcalc", MEAN, "sft", 1e-6), lookup("medcalc", MEAN, "sft", 5e-6)

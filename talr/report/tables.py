@@ -270,7 +270,7 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 
 def paper_style(means: list[dict], domain: str, fmt: str, setup: str = "") -> str:
-    """The DESIGN.md §1 layout: rows LR, columns methods, cells 'domain / general (paper: d / g)'."""
+    """The layout of the paper's methods table (docs/PAPER.md): rows LR, columns methods, cells 'domain / general (paper: d / g)'."""
     members = [r for r in means if panel_of(r) == (domain, fmt, setup)]
     methods = sorted({r["method"] for r in members}, key=lambda m: _order({"method": m}))
     lines = [f"| {domain} {fmt} | " + " | ".join(paper_numbers.METHOD_NAMES.get(m, str(m)) for m in methods) + " |",
