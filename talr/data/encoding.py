@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from talr.chat import ChatFormat
 from talr.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -16,31 +17,26 @@ IGNORE = -100
 OverlongPolicy = Literal["truncate", "skip", "error"]
 
 
-def _ids(encoded) -> list[int]:
-    return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
-
-
-def encode_chat(tokenizer, messages: list[dict], target: str, **template_kwargs) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list[dict], target: str, chat_format: ChatFormat | None = None,
+                **template_kwargs) -> tuple[list[int], list[int]]:
     """(prompt_ids, full_ids) where the prompt is tokenised on its own, with the generation prompt.
 
     The labels are full_ids[len(prompt_ids):]: exactly the assistant turn, found by position, never by
-    searching for a response template. Tokens the template appends after the final end-of-turn token
-    (e.g. a newline) are dropped, so the last supervised token is the end-of-turn token.
+    searching for a response template. The turn ends at its last end-of-turn token (`chat_format`'s, e.g.
+    `<|im_end|>`, Gemma's `<end_of_turn>`); what the template appends after it (e.g. a newline) is dropped,
+    so the last supervised token is the end-of-turn token. `template_kwargs` (without `chat_format`):
+    the chat format is the tokenizer's with these template variables.
     """
-    prompt = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs))
-    full = _ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": target}], tokenize=True,
-                                              **template_kwargs))
+    fmt = chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer, template_kwargs)
+    prompt = fmt.encode(tokenizer, messages, add_generation_prompt=True)
+    full = fmt.encode(tokenizer, messages + [{"role": "assistant", "content": target}], add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise ValueError(
             "the chat template renders the prompt differently with and without the assistant turn; "
             "completion-only labels need the prompt to be a prefix of the full conversation"
         )
-    eos = tokenizer.eos_token_id
     completion = full[len(prompt):]
-    if eos in completion:
-        last = len(completion) - 1 - completion[::-1].index(eos)
-        full = full[: len(prompt) + last + 1]
-    return prompt, full
+    return prompt, full[: len(prompt) + fmt.completion_end(completion)]
 
 
 def encode_rows(
@@ -52,21 +48,23 @@ def encode_rows(
     split: str = "",
     progress: bool = True,
     template_kwargs: dict | None = None,
+    chat_format: ChatFormat | None = None,
 ) -> tuple[list[dict], Counter]:
     """Encode rows into examples {input_ids, labels, prompt_ids, row}; returns them and counts of what the
     over-long policy did. `truncate` shortens the task's free-text field (e.g. the patient note) until the
-    example fits; the target is never cut. An example that cannot fit is skipped and counted."""
+    example fits; the target is never cut. An example that cannot fit is skipped and counted.
+    `chat_format` (talr.chat): the run's; default: the tokenizer's, with `template_kwargs`."""
     from tqdm.auto import tqdm
 
     counts: Counter = Counter()
     examples = []
-    template_kwargs = template_kwargs or {}
+    fmt = chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer, template_kwargs)
     for row in tqdm(rows, desc=f"tokenizing {split}", disable=not progress, leave=False):
-        prompt, full = encode_chat(tokenizer, task.messages(row), task.target(row), **template_kwargs)
+        prompt, full = encode_chat(tokenizer, task.messages(row), task.target(row), fmt)
         if len(full) > max_length:
             if overlong == "error":
                 raise ValueError(f"{split} row {row.get(task.id_column, '?')}: {len(full)} tokens > max_length {max_length}")
-            fitted = _shorten_to_fit(task, row, tokenizer, max_length, template_kwargs) if overlong == "truncate" else None
+            fitted = _shorten_to_fit(task, row, tokenizer, max_length, fmt) if overlong == "truncate" else None
             if fitted is None:
                 counts["skipped_overlong"] += 1
                 continue
@@ -82,7 +80,7 @@ def encode_rows(
     return examples, counts
 
 
-def _shorten_to_fit(task: Task, row: Mapping, tokenizer, max_length: int, template_kwargs: dict):
+def _shorten_to_fit(task: Task, row: Mapping, tokenizer, max_length: int, fmt: ChatFormat):
     """Largest prefix (by a binary search over the kept fraction) of the free-text field that fits."""
     if task.shorten_column is None:
         return None
@@ -90,14 +88,14 @@ def _shorten_to_fit(task: Task, row: Mapping, tokenizer, max_length: int, templa
     for _ in range(12):
         mid = (lo + hi) / 2
         short = task.shorten(row, mid)
-        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short), **template_kwargs)
+        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short), fmt)
         if len(full) <= max_length:
             best, lo = (short, prompt, full), mid
         else:
             hi = mid
     if best is None:
         short = task.shorten(row, 0.0)
-        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short), **template_kwargs)
+        prompt, full = encode_chat(tokenizer, task.messages(short), task.target(short), fmt)
         best = (short, prompt, full) if len(full) <= max_length else None
     return best
 

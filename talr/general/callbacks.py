@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from talr.chat import chat_format_of
 from talr.distributed import refuse_fsdp1, unsharded_copy
 from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
 from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
@@ -63,7 +64,8 @@ class GeneralEvalCallback(Callback):
         every_n_steps: evaluate every n optimizer steps; None/0 = never per step.
         at_start: baseline before the first update (skipped when resuming at global_step > 0).
         at_end: evaluate when training ends (unless this step was just evaluated).
-        apply_chat_template: use the tokenizer's chat template (when it has one).
+        apply_chat_template: use the tokenizer's chat template (when it has one), rendered with the run's chat
+            format (`datamodule.chat_format`, i.e. `data.chat_template_kwargs`: the prompts training saw).
         data_dir: local benchmark data (layout in talr.general.lm_tasks); None = Hugging Face hub.
         allow_code_execution: opt in to HumanEval's code execution.
         batch_size: generation batch size.
@@ -101,6 +103,7 @@ class GeneralEvalCallback(Callback):
         self.data_dir = str(Path(data_dir).expanduser()) if data_dir is not None else None
         self.allow_code_execution = allow_code_execution
         self.batch_size, self.max_gen_toks, self.seed = batch_size, max_gen_toks, seed
+        self.chat_format = None  # the run's talr.chat.ChatFormat, resolved at each evaluation
         self.last_step: int | None = None  # global step of the last evaluation
         self.history: list[dict[str, Any]] = []  # {"step", "epoch", "when", "metrics"} per evaluation
 
@@ -142,7 +145,7 @@ class GeneralEvalCallback(Callback):
         return evaluate_general(
             model, tokenizer, tasks=self.tasks, limit=self.limit, apply_chat_template=self.apply_chat_template,
             batch_size=self.batch_size, max_gen_toks=self.max_gen_toks, data_dir=self.data_dir,
-            allow_code_execution=self.allow_code_execution, seed=self.seed,
+            allow_code_execution=self.allow_code_execution, seed=self.seed, chat_format=self.chat_format,
         )
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, when: str) -> dict[str, float]:
@@ -150,6 +153,7 @@ class GeneralEvalCallback(Callback):
         payload: dict[str, Any] = {}
         error: Exception | None = None
         model, tokenizer = model_and_tokenizer(pl_module)
+        self.chat_format = chat_format_of(pl_module, trainer)
         copy = unsharded_copy(model)  # a collective under FSDP2; the model itself otherwise (None off rank 0)
         if trainer.is_global_zero:
             try:

@@ -2,6 +2,7 @@
 
     python -m talr evaluate --model builtin:SmolLM2-135M-Instruct --tasks ifeval,gsm8k \\
         --limit 10 --data-dir ../shared/data --output results.json
+    python -m talr evaluate --model runs/.../hf --chat-template-kwargs '{"enable_thinking": false}'  # Qwen3 runs
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=None,
                    help="cap generated tokens for every task (changes results; quick checks only)")
     p.add_argument("--no-chat-template", action="store_true", help="do not wrap prompts in the chat template")
+    p.add_argument("--chat-template-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="chat template variables, as the run's data.chat_template_kwargs, e.g. "
+                        "'{\"enable_thinking\": false}' for Qwen3 (default: none: Qwen3 would think)")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: lm-eval's defaults)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0, mps, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -57,6 +61,16 @@ def default_output(model: str) -> Path:
         return path / "general.json"
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in model.rstrip("/").rsplit("/", 1)[-1])
     return Path("runs") / "evaluate" / name / "general.json"
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
 
 
 def resolve_device(device: str) -> str:
@@ -97,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if limit is not None and limit >= 1:
         limit = int(limit)
 
+    from talr.chat import ChatFormat
     from talr.general.evaluate import evaluate_general
     from talr.modeling import load_model, load_tokenizer
 
@@ -105,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(device)
     load_s = time.perf_counter() - start
+    chat_format = ChatFormat.from_tokenizer(tokenizer, args.chat_template_kwargs, model.generation_config)
     result = evaluate_general(
         model, tokenizer, tasks=tasks, limit=limit, apply_chat_template=not args.no_chat_template,
         batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, data_dir=args.data_dir,
-        allow_code_execution=args.allow_code_execution, seed=args.seed,
+        allow_code_execution=args.allow_code_execution, seed=args.seed, chat_format=chat_format,
     )
     result["settings"] = {
         "model": args.model, "tokenizer": args.tokenizer or args.model, "device": device, "dtype": args.dtype,

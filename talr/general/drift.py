@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from talr.chat import ChatFormat, chat_format_of
 from talr.general.callbacks import log_to_loggers, model_and_tokenizer
 from talr.general.evaluate import preserved_state
+from talr.generation import greedy_generate, left_pad, pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,14 @@ def load_prompts(prompts_file: str | Path | None = None, num_prompts: int | None
     return prompts
 
 
-def encode_prompts(tokenizer, prompts: list[str], apply_chat_template: bool = True) -> list[list[int]]:
-    out = []
-    for prompt in prompts:
-        if apply_chat_template and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            out.append(tokenizer(prompt)["input_ids"])
-    return out
+def encode_prompts(tokenizer, prompts: list[str], apply_chat_template: bool = True,
+                   chat_format: ChatFormat | None = None) -> list[list[int]]:
+    """Token ids of each prompt as a user turn with the generation prompt, rendered by the run's chat format
+    (its template kwargs, e.g. Qwen3's `enable_thinking: false`); plain text without a chat template."""
+    if apply_chat_template and getattr(tokenizer, "chat_template", None):
+        fmt = chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer)
+        return [fmt.encode(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
+    return [tokenizer(prompt)["input_ids"] for prompt in prompts]
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -69,24 +68,16 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def greedy_answers(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+    chat_format: ChatFormat | None = None,
 ) -> list[list[int]]:
-    """Greedy answers (token ids, up to and including the first EOS) to each prompt, batched."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    device, answers = _device(model), []
+    """Greedy answers (token ids, up to and including the first end-of-turn/stop token) to each prompt, batched
+    (`talr.generation.greedy_generate`, the function domain evaluation uses)."""
+    fmt = chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer)
+    pad, device, answers = pad_id_of(tokenizer, fmt.for_model(model)), _device(model), []
     for start in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=eos, use_cache=True,
-        )
-        for row in out[:, width:].tolist():
-            answer = row[: row.index(eos) + 1] if eos in row else row
-            answers.append(answer)
+        ids, mask = left_pad(prompt_ids[start : start + batch_size], pad, device)
+        answers += greedy_generate(model, tokenizer, ids, mask, max_new_tokens, fmt)
     return answers
 
 
@@ -123,7 +114,9 @@ class CodeLengthDriftCallback(Callback):
         max_new_tokens: length cap of the base model's greedy answers.
         num_prompts: use only the first n prompts.
         batch_size: sequences per forward pass.
-        apply_chat_template: wrap prompts in the tokenizer's chat template (when it has one).
+        apply_chat_template: wrap prompts in the tokenizer's chat template (when it has one), rendered with the
+            run's chat format (`datamodule.chat_format`: the template kwargs of training, e.g. Qwen3's
+            `enable_thinking: false`; answers stop at its end-of-turn ids).
 
     Every rank computes the same numbers (cheap; keeps sharded forward passes in lockstep);
     loggers write on rank 0.
@@ -150,13 +143,15 @@ class CodeLengthDriftCallback(Callback):
         self.pad_id = 0
         self.last_step: int | None = None
 
-    def setup_reference(self, model, tokenizer) -> float:
+    def setup_reference(self, model, tokenizer, chat_format: ChatFormat | None = None) -> float:
         """Generate the base answers with `model` and record their NLL under it (the reference)."""
+        fmt = (chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer)).for_model(model)
         prompts = load_prompts(self.prompts_file, self.num_prompts)
-        self.prompt_ids = encode_prompts(tokenizer, prompts, self.apply_chat_template)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prompt_ids = encode_prompts(tokenizer, prompts, self.apply_chat_template, fmt)
+        self.pad_id = pad_id_of(tokenizer, fmt)
         with preserved_state(model):
-            self.answer_ids = greedy_answers(model, tokenizer, self.prompt_ids, self.max_new_tokens, self.batch_size)
+            self.answer_ids = greedy_answers(model, tokenizer, self.prompt_ids, self.max_new_tokens, self.batch_size,
+                                             fmt)
         self.base_nll = self.nll(model)
         return self.base_nll
 
@@ -184,7 +179,7 @@ class CodeLengthDriftCallback(Callback):
             log.warning("CodeLengthDriftCallback: resuming at step %d without a stored reference; "
                         "drift is measured from the resumed weights", trainer.global_step)
         model, tokenizer = model_and_tokenizer(pl_module)
-        base = self.setup_reference(model, tokenizer)
+        base = self.setup_reference(model, tokenizer, chat_format_of(pl_module, trainer))
         self.last_step = trainer.global_step
         log_to_loggers(trainer, {"drift/nll": base, "drift/nll_delta": 0.0}, trainer.global_step)
 

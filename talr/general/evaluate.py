@@ -1,10 +1,11 @@
 """General-capability evaluation (IFEval, GSM8K, HumanEval) of an in-memory model through lm-eval.
 
-`evaluate_general` wraps the live model in lm-eval's `HFLM(pretrained=model, tokenizer=tok)` and runs
-`lm_eval.simple_evaluate` with lm-eval's own task definitions (see `talr.general.lm_tasks` for the
-offline data). It changes nothing about the model: it runs under `torch.no_grad()` in eval mode,
-restores the previous train/eval mode and the global random states afterwards (lm-eval reseeds
-`random`, numpy and torch, which would otherwise change the rest of a training run).
+`evaluate_general` wraps the live model in lm-eval's `HFLM(pretrained=model, tokenizer=tok)` (under the
+run's chat format: `talr.general.chat_lm`) and runs `lm_eval.simple_evaluate` with lm-eval's own task
+definitions (see `talr.general.lm_tasks` for the offline data). It changes nothing about the model: it
+runs under `torch.no_grad()` in eval mode, restores the previous train/eval mode and the global random
+states afterwards (lm-eval reseeds `random`, numpy and torch, which would otherwise change the rest of a
+training run).
 
 Headline metrics (the paper's general score is their mean):
     IFEval    prompt_level_strict_acc   (lm-eval key "prompt_level_strict_acc,none")
@@ -27,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from talr.chat import ChatFormat
 from talr.general.lm_tasks import CODE_TASKS, HEADLINE, PAPER_TASKS, make_task_manager
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ def evaluate_general(
     data_files: Mapping[str, Mapping[str, str]] | None = None,
     bootstrap_iters: int = 100000,
     log_samples: bool = False,
+    chat_format: ChatFormat | None = None,
 ) -> dict[str, Any]:
     """Evaluate an in-memory causal LM on general benchmarks with lm-eval; see the module docstring.
 
@@ -155,6 +158,9 @@ def evaluate_general(
         seed: lm-eval's random/numpy/torch/few-shot seeds; None = lm-eval's defaults (0, 1234, 1234,
             1234), so GSM8K's few-shot examples are the ones of any default lm-eval run. The global
             random states are restored afterwards either way.
+        chat_format: the run's chat format (talr.chat): its template kwargs render every prompt (Qwen3's
+            `enable_thinking`), generation stops at its end-of-turn ids, and with thinking on the answer is
+            the text after `</think>`. Default: the tokenizer's, without template kwargs.
 
     Returns:
         {"results": {task: {metric: value}}, "general/score": mean headline metric (None if none),
@@ -162,7 +168,8 @@ def evaluate_general(
          "n_samples": {task: n}, "config": settings, "wall_time_s": float, ["samples": ...]}
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from talr.general.chat_lm import ChatFormatHFLM
 
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -171,12 +178,14 @@ def evaluate_general(
         raise PermissionError(CODE_EXECUTION_HELP)
     check_full_model(model)
     use_chat = bool(apply_chat_template) and has_chat_template(tokenizer)
+    chat_format = (chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer)).for_model(model)
     config = {
         "tasks": tasks, "limit": limit, "apply_chat_template": use_chat, "fewshot_as_multiturn": use_chat,
         "batch_size": batch_size, "max_gen_toks": max_gen_toks,
         "data_dir": str(data_dir) if data_dir is not None else None,
         "data_files": {k: dict(v) for k, v in (data_files or {}).items()} or None,
         "allow_code_execution": allow_code_execution, "seed": seed, "bootstrap_iters": bootstrap_iters,
+        "chat_format": chat_format.describe(tokenizer),
     }
     seeds = {} if seed is None else dict.fromkeys(
         ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), seed)
@@ -185,7 +194,7 @@ def evaluate_general(
     try:
         task_manager = make_task_manager(tasks, task_dir, data_dir, data_files)
         with preserved_state(model):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = ChatFormatHFLM(pretrained=model, tokenizer=tokenizer, chat_format=chat_format, batch_size=batch_size)
             raw = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=tasks,
