@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="talr average",
         description="WiSE-FT: write θ_α = (1-α)·θ_init + α·θ_finetuned for each α as an HF model directory.",
     )
-    parser.add_argument("--init", required=True, help="initial model (hub id or local directory)")
+    parser.add_argument("--init", required=True,
+                        help="the model fine-tuning started from: a hub id, a local HF directory, a .gguf file, "
+                             "or builtin:SmolLM2-135M-Instruct (the quickstart's)")
     parser.add_argument("--finetuned", required=True, help="fine-tuned full model directory")
     parser.add_argument("--alpha", type=float, action="append", default=[], help="an α in [0, 1] (repeatable)")
     parser.add_argument("--alphas", type=_parse_alpha_list, default=[], help="comma-separated α grid, e.g. 0,0.25,0.5")
