@@ -110,12 +110,52 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+# Multimodal checkpoints of which talr trains the language model alone (the paper fine-tunes text only):
+# model_type -> (text-only causal-LM class, checkpoint key -> text model key). AutoModelForCausalLM would
+# give Gemma3ForConditionalGeneration, whose SigLIP tower and projector never see an input here yet would
+# be sharded, carried by L2's θ0 and counted in its P, and targeted by LoRA (its q/k/v_proj).
+# The text model computes the same logits from the same weights; its export is a plain Gemma3ForCausalLM.
+TEXT_ONLY = {
+    "gemma3": ("Gemma3ForCausalLM", {r"^language_model\.model\.": "model.", r"^model\.language_model\.": "model.",
+                                     r"^language_model\.lm_head\.": "lm_head."}),
+}
+
+
+def _load_language_model(path: str, class_name: str, key_mapping: dict, **kwargs):
+    """The text-only model from a multimodal checkpoint; refuses to leave any weight randomly initialised."""
+    import logging as std_logging
+
+    import transformers
+
+    hf_log = std_logging.getLogger("transformers.modeling_utils")  # would list every vision weight as unexpected
+    level = hf_log.level
+    hf_log.setLevel(std_logging.ERROR)
+    try:
+        model, info = getattr(transformers, class_name).from_pretrained(
+            path, key_mapping=key_mapping, output_loading_info=True, **kwargs)
+    finally:
+        hf_log.setLevel(level)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"{path}: the language model's weights were not all found in the checkpoint "
+                         f"(missing {sorted(info['missing_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]})")
+    log.info("loaded the language model of %s as %s (%d vision/projector tensors left out)", path, class_name,
+             len(info["unexpected_keys"]))
+    # transformers keeps the renaming to undo it in save_pretrained; the export must use the text model's own
+    # names (else it reloads as a randomly initialised Gemma3ForCausalLM)
+    model._weight_conversions = []
+    return model
+
+
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, attn_implementation: str | None = None):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path, extra = resolve(name_or_path)
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
+    if "gguf_file" not in extra:
+        model_type = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "model_type", None)
+        if model_type in TEXT_ONLY:
+            return _load_language_model(path, *TEXT_ONLY[model_type], dtype=DTYPES[dtype], **extra)
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
