@@ -64,29 +64,38 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader with Lightning's `state_dict`/`load_state_dict` protocol: a checkpoint records how many
-    batches of the current epoch were consumed, and after loading, the next pass skips them. Together
-    with per-epoch seeded sampling this makes a mid-epoch resume see exactly the remaining batches."""
+    """A DataLoader with Lightning's `state_dict`/`load_state_dict` protocol: a checkpoint records the epoch
+    and how many batches of it were consumed; after loading, the next pass replays that epoch's order and
+    skips them. Together with per-epoch seeded sampling this makes a mid-epoch resume see exactly the
+    remaining batches.
+
+    On resume Lightning loads this state and creates the iterator *before* it calls `set_epoch` for the
+    resumed epoch (and with workers the sampler is read when the iterator is created), so the sampler's epoch
+    is restored here from the checkpoint rather than trusted to be set already."""
 
     def __init__(self, *args, position_fn=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._position_fn = position_fn  # () -> (epoch, batches consumed in that epoch)
-        self._resume: tuple[int, int] | None = None
+        self._skip_next = 0
 
     def state_dict(self) -> dict:
         epoch, consumed = self._position_fn() if self._position_fn else (0, 0)
         return {"epoch": int(epoch), "consumed": int(consumed)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (int(state.get("epoch", 0)), int(state.get("consumed", 0)))
+        epoch, consumed = int(state.get("epoch", 0)), int(state.get("consumed", 0))
+        if consumed >= len(self):  # the epoch had finished: Lightning moves on and sets the next epoch itself
+            return
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        self._skip_next = consumed
 
     def __iter__(self):
         iterator = super().__iter__()
-        resume, self._resume = self._resume, None
-        # skip only inside the epoch the checkpoint was taken in, and not if that epoch had finished
-        if resume and resume[0] == getattr(self.sampler, "epoch", 0) and resume[1] < len(self):
-            for _ in range(resume[1]):
-                next(iterator, None)
+        skip, self._skip_next = self._skip_next, 0
+        for _ in range(skip):
+            next(iterator, None)
         return iterator
 
 
@@ -106,9 +115,7 @@ class DomainDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: shuffling seed.
         trust_remote_code: allow code in the tokenizer repo (linked to the model's setting).
-        chat_template_kwargs: extra variables for the chat template, e.g. `{enable_thinking: false}` for Qwen3. The run's
-            one chat setting: with the tokenizer and the model's generation config it makes `self.chat_format`
-            (talr.chat), which domain generation, drift and the general eval use too.
+        chat_template_kwargs: extra variables for the chat template, e.g. `{enable_thinking: false}` for Qwen3.
     """
 
     def __init__(
@@ -137,25 +144,21 @@ class DomainDataModule(L.LightningDataModule):
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.chat_format = None  # talr.chat.ChatFormat, built in setup: the one chat format of the run
         self.tokenizer = None
         self.examples: dict[str, list[dict]] = {}
         self.stats: dict[str, int] = {}
 
     def setup(self, stage: str | None = None) -> None:
+        self._register_rng_state()
         if self.examples:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
-        from talr.chat import ChatFormat, load_generation_config
-
-        self.chat_format = ChatFormat.from_tokenizer(self.tokenizer, self.chat_template_kwargs,
-                                                     load_generation_config(self.tokenizer_name))
         splits = self.task.load_splits()
         rank_zero = getattr(self.trainer, "is_global_zero", True) if self.trainer is not None else True
         for split, rows in splits.items():
             examples, counts = encode_rows(
                 self.task, rows, self.tokenizer, self.max_length, self.overlong, split=split, progress=rank_zero,
-                chat_format=self.chat_format,
+                template_kwargs=self.chat_template_kwargs,
             )
             for i, e in enumerate(examples):
                 e["index"] = i
@@ -166,6 +169,14 @@ class DomainDataModule(L.LightningDataModule):
             raise DataError(self.task.source, "the train split is empty after loading and the over-long policy")
         if rank_zero:
             log.info("data: %s", ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())))
+
+    def _register_rng_state(self) -> None:
+        """Exact resume needs the RNG state next to the data position (dropout); add the callback that keeps
+        it unless the config has one. Runs before Lightning restores callback states from a checkpoint."""
+        from talr.callbacks.rng_state import RNGState
+
+        if self.trainer is not None and not any(isinstance(c, RNGState) for c in self.trainer.callbacks):
+            self.trainer.callbacks.insert(0, RNGState())  # before the callbacks that write checkpoints
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         examples = self.examples.get(split, [])
