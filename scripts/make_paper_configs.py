@@ -14,6 +14,7 @@ pure function of those files: sorted iteration, fixed YAML style, no timestamps.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from copy import deepcopy
 from pathlib import Path
@@ -50,6 +51,9 @@ LRS = {"1e-6": 1e-6, "5e-6": 5e-6, "2e-5": 2e-5}
 MAX_NEW_TOKENS = {("medcalc", "cot"): 1024, ("medcalc", "label"): 64, ("esci", "cot"): 512, ("esci", "label"): 16}
 ESCI_RATIONALES = "/path/to/esci_rationales.jsonl"  # placeholder: ESCI ships no rationales
 WISEFT_ALPHA = 0.5
+# data.chat_template_kwargs per model: the run's one chat setting (talr.chat), used by training, generation, drift
+# and the general eval. Qwen3 in non-thinking mode: thinking would spend the generation budget before the answer.
+CHAT_TEMPLATE_KWARGS = {"Qwen3-4B": {"enable_thinking": False}}
 TABLE_LRS = ("1e-6", "5e-6")  # the LRs of Figure 2 / the methods table (DESIGN.md §1)
 PAPER_REPORTS = {"lora": ("1e-6",), "wiseft": ("1e-6",)}  # "–" at 5e-6 in the paper's table
 
@@ -84,6 +88,12 @@ def feeds(domain: str, method: str, lr: str) -> list[str]:
     return out
 
 
+def evaluate_chat_args(model: str) -> str:
+    """`talr evaluate` flags that give a saved model the chat setting its run trained with."""
+    kwargs = CHAT_TEMPLATE_KWARGS.get(model)
+    return f" --chat-template-kwargs '{json.dumps(kwargs)}'" if kwargs else ""
+
+
 def header(domain: str, fmt: str, model: str, method: str, lr: str) -> str:
     hub = MODELS[model][0]
     path = config_path(domain, fmt, model, method, lr).relative_to(ROOT).as_posix()
@@ -110,8 +120,8 @@ def header(domain: str, fmt: str, model: str, method: str, lr: str) -> str:
             f" --output-dir {wise}",
             f"  3. python -m talr test --config {path} --model.init_args.pretrained {avg}"
             f" --trainer.logger.init_args.save_dir {avg}",
-            f"  4. python -m talr evaluate --model {avg} --tasks ifeval,gsm8k,humaneval --allow-code-execution"
-            f" --output {avg}/general.json",
+            f"  4. python -m talr evaluate --model {avg} --tasks ifeval,gsm8k,humaneval_instruct --allow-code-execution"
+            f"{evaluate_chat_args(model)} --output {avg}/general.json",
         ]
     else:
         lines += [
@@ -147,8 +157,8 @@ def build(base: dict, method_cfg: dict, domain: str, fmt: str, model: str, metho
     task["format"] = fmt
     if domain == "esci" and fmt == "cot":
         task["rationale_file"] = ESCI_RATIONALES
-    if model == "Qwen3-4B":  # non-thinking mode: thinking would spend the generation budget before the answer
-        cfg["data"]["chat_template_kwargs"] = {"enable_thinking": False}
+    if model in CHAT_TEMPLATE_KWARGS:
+        cfg["data"]["chat_template_kwargs"] = dict(CHAT_TEMPLATE_KWARGS[model])
     return cfg
 
 

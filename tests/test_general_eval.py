@@ -50,15 +50,17 @@ class TinyLM(L.LightningModule):
 
 
 def direct_lm_eval(model, tokenizer, tmp_path):
-    """lm-eval called by hand on the same model, tasks and limit (lm-eval's default seeds)."""
+    """lm-eval called by hand on the same model, tasks and limit (lm-eval's default seeds); under the chat
+    template HumanEval is lm-eval's humaneval_instruct (talr.general.lm_tasks.CHAT_VARIANT)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     from talr.general.lm_tasks import make_task_manager
 
-    manager = make_task_manager(TASKS, tmp_path / "direct_tasks", SHARED_DATA)
+    tasks = ["ifeval", "gsm8k", "humaneval_instruct"]
+    manager = make_task_manager(tasks, tmp_path / "direct_tasks", SHARED_DATA)
     out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH), tasks=TASKS, limit=LIMIT,
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH), tasks=tasks, limit=LIMIT,
         task_manager=manager, apply_chat_template=True, gen_kwargs={"max_gen_toks": MAX_GEN_TOKS},
         confirm_run_unsafe_code=True,
     )
@@ -97,7 +99,7 @@ def test_callback_logs_lm_eval_numbers_with_baseline_before_first_step(tokenizer
     assert baseline_at < first_train
     assert {k: baseline[k] for k in expected} == expected  # exactly lm-eval's numbers
     headline = [baseline["general/ifeval/prompt_level_strict_acc"],
-                baseline["general/gsm8k/exact_match_strict_match"], baseline["general/humaneval/pass@1"]]
+                baseline["general/gsm8k/exact_match_strict_match"], baseline["general/humaneval_instruct/pass@1"]]
     assert baseline["general/score"] == pytest.approx(np.mean(headline))
     assert [h["when"] for h in general.history] == ["start", "end"]
     assert module.general_baseline == baseline

@@ -10,7 +10,8 @@ training run).
 Headline metrics (the paper's general score is their mean):
     IFEval    prompt_level_strict_acc   (lm-eval key "prompt_level_strict_acc,none")
     GSM8K     exact_match_strict_match  (lm-eval key "exact_match,strict-match", 5-shot)
-    HumanEval pass@1                    (lm-eval key "pass@1,create_test", greedy)
+    HumanEval pass@1                    (lm-eval key "pass@1,create_test", greedy; with the chat template
+                                         applied lm-eval's `humaneval_instruct`, see talr.general.lm_tasks)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from talr.chat import ChatFormat
-from talr.general.lm_tasks import CODE_TASKS, HEADLINE, PAPER_TASKS, make_task_manager
+from talr.general.lm_tasks import CODE_TASKS, HEADLINE, PAPER_TASKS, lm_eval_task_names, make_task_manager
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ def evaluate_general(
 
     Args:
         tasks: any of "ifeval", "gsm8k", "humaneval" and "humaneval_instruct" (lm-eval's variant
-            for chat models; offline-capable); other lm-eval task names work online only.
+            for chat models; offline-capable); other lm-eval task names work online only. With the
+            chat template applied, "humaneval" runs as "humaneval_instruct" (results under that name;
+            `config["lm_eval_tasks"]` lists what ran): the completion task scores chat answers as wrong.
         limit: documents per task (the first ones, lm-eval's `limit`); None = the full benchmark.
         apply_chat_template: wrap prompts in the tokenizer's chat template (GSM8K few-shot as a
             multi-turn chat, lm-eval's default); only applied when the tokenizer has one.
@@ -178,9 +181,13 @@ def evaluate_general(
         raise PermissionError(CODE_EXECUTION_HELP)
     check_full_model(model)
     use_chat = bool(apply_chat_template) and has_chat_template(tokenizer)
+    run_tasks = lm_eval_task_names(tasks, use_chat)
+    if run_tasks != tasks:
+        log.info("chat template applied: lm-eval tasks %s for %s", run_tasks, tasks)
     chat_format = (chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer)).for_model(model)
     config = {
-        "tasks": tasks, "limit": limit, "apply_chat_template": use_chat, "fewshot_as_multiturn": use_chat,
+        "tasks": tasks, "lm_eval_tasks": run_tasks, "limit": limit, "apply_chat_template": use_chat,
+        "fewshot_as_multiturn": use_chat,
         "batch_size": batch_size, "max_gen_toks": max_gen_toks,
         "data_dir": str(data_dir) if data_dir is not None else None,
         "data_files": {k: dict(v) for k, v in (data_files or {}).items()} or None,
@@ -192,12 +199,12 @@ def evaluate_general(
     start = time.perf_counter()
     task_dir = Path(tempfile.mkdtemp(prefix="talr_lm_eval_tasks_"))
     try:
-        task_manager = make_task_manager(tasks, task_dir, data_dir, data_files)
+        task_manager = make_task_manager(run_tasks, task_dir, data_dir, data_files)
         with preserved_state(model):
             lm = ChatFormatHFLM(pretrained=model, tokenizer=tokenizer, chat_format=chat_format, batch_size=batch_size)
             raw = lm_eval.simple_evaluate(
                 model=lm,
-                tasks=tasks,
+                tasks=run_tasks,
                 limit=limit,
                 task_manager=task_manager,
                 apply_chat_template=use_chat,

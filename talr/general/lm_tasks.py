@@ -29,6 +29,12 @@ PAPER_TASKS = ("ifeval", "gsm8k", "humaneval")
 # lm-eval's chat-model variant of HumanEval, also available offline; it counts as the code benchmark.
 OFFLINE_TASKS = PAPER_TASKS + ("humaneval_instruct",)
 CODE_TASKS = ("humaneval", "humaneval_instruct")
+# What a task name runs when prompts are wrapped in the chat template. `humaneval` is a completion task
+# (the reply is appended to the prompt and cut at "\ndef", "\n#", "\nif", ...), which scores a chat
+# model's answer (prose + a fenced function) as wrong; lm-eval's `humaneval_instruct` asks for the function
+# in a user turn, primes the assistant turn with it in an open ```python block and keeps the code up to the
+# closing fence.
+CHAT_VARIANT = {"humaneval": "humaneval_instruct"}
 # The headline metric of each benchmark, as lm-eval reports it ("<metric>,<filter>").
 HEADLINE = {
     "ifeval": "prompt_level_strict_acc,none",
@@ -36,6 +42,13 @@ HEADLINE = {
     "humaneval": "pass@1,create_test",
     "humaneval_instruct": "pass@1,create_test",
 }
+
+
+def lm_eval_task_names(tasks, chat: bool) -> list[str]:
+    """The lm-eval tasks to run for `tasks`: under a chat template, each task's chat variant."""
+    return list(dict.fromkeys(CHAT_VARIANT.get(t, t) if chat else t for t in tasks))
+
+
 _SPLITS = {"ifeval": ("train",), "gsm8k": ("train", "test"), "humaneval": ("test",)}
 _DATA_OF = {"humaneval_instruct": "humaneval"}  # tasks that read another task's data
 _LAYOUT = {

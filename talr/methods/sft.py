@@ -7,10 +7,14 @@ Every method is a subclass overriding one hook:
 
 Normalisation is exact: the gradient of one optimiser step equals that of Σ w_i ℓ_i / N with N the
 number of supervised tokens of the whole step, over every accumulation micro-batch and every rank.
-Each micro-batch backpropagates its unnormalised sum; before the optimiser step the gradients are
-rescaled by accumulate · world_size / N (Lightning divides by `accumulate_grad_batches`, DDP/FSDP
+Each micro-batch backpropagates its unnormalised sum; after the last backward of the step the gradients
+are rescaled by accumulate · world_size / N (Lightning divides by `accumulate_grad_batches`, DDP/FSDP
 average over ranks, and N is all-reduced). This avoids the "gradient accumulation bug" of
-per-micro-batch means.
+per-micro-batch means. The rescale runs in `on_after_backward` of the step's last micro-batch, so every
+callback's `on_before_optimizer_step` (grad-norm monitors, Lightning's clipping) sees the true gradient.
+
+Non-finite losses or gradients are judged once per optimizer step from a verdict all-reduced over ranks,
+so every rank stops, or skips the step, together (`nonfinite`).
 """
 
 from __future__ import annotations
@@ -85,8 +89,9 @@ class SFT(L.LightningModule):
         self.model = None
         self.tokenizer = None
         self.register_buffer("_window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_window_bad_losses", torch.zeros((), dtype=torch.float64), persistent=False)
         self.skipped_steps = 0
-        self._skip_this_step = False
+        self._closing_window = False
         self._t_batch = 0.0
         self.tokens_seen = 0
         self.baseline: dict[str, float] = {}
@@ -171,52 +176,71 @@ class SFT(L.LightningModule):
         self.baseline = state.get("baseline", {})
 
     # -- training --------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         token_losses, mask = self.token_losses(batch)
         self._last_token_stats = (token_losses.detach(), mask)  # read by callbacks (HardTokenShare, Figure 3c)
         loss_sum, stats = self.weighted_loss_sum(token_losses, mask, batch)
         n = mask.sum()
         self._window_tokens += n
+        self._window_bad_losses += (~torch.isfinite(loss_sum.detach())).double()  # judged once per step, all ranks
         denom = n.clamp_min(1)
         self.log("train/loss", loss_sum.detach() / denom, prog_bar=True)
         self.log("train/ce", token_losses.detach().where(mask, 0.0).sum() / denom)
         attention = batch["attention_mask"]  # padding waste of this batch (see data.group_by_length)
         self.log("train/padding_share", 1.0 - attention.sum() / attention.numel())
         self.log_dict({f"train/{k}": v for k, v in stats.items()})
-        if not torch.isfinite(loss_sum):
-            return self._nonfinite(f"loss is {loss_sum.item()}")
-        return loss_sum
+        return loss_sum  # always (even non-finite): every rank must run the same backward and step
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        n = self._window_tokens.clone()
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        self._closing_window = True  # the closure about to run is the last micro-batch of this step
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            self._closing_window = False
+
+    def on_after_backward(self) -> None:
+        # After the window's last backward (gradients already reduced across ranks) and before any
+        # callback's `on_before_optimizer_step`, which therefore sees the true gradient d(Σ w ℓ / N)/dθ.
+        if self._closing_window:
+            self._finish_gradient()
+
+    def _finish_gradient(self) -> None:
+        """Once per optimizer step: rescale to d(Σ w ℓ / N)/dθ, add the method's term, then decide — from
+        verdicts all-reduced over ranks, so identically everywhere — whether the step is non-finite."""
+        totals = torch.stack([self._window_tokens, self._window_bad_losses])
         if self.trainer.world_size > 1:
-            n = self.trainer.strategy.reduce(n, reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(float(n), 1.0)
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        n, bad_losses = totals.tolist()
+        self._window_tokens.zero_()
+        self._window_bad_losses.zero_()
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n, 1.0)
         params = self.trainable_parameters()
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
-        self._window_tokens.zero_()
         self.after_gradient_normalized()
-        if grads and not self._all_finite(grads):
+        if bad_losses:
+            self._nonfinite(f"loss is non-finite in {int(bad_losses)} micro-batch(es), summed over ranks")
+        elif grads and not self._all_finite(grads):
             self._nonfinite("gradient has non-finite values")
-        if self._skip_this_step:  # AdamW leaves parameters whose grad is None untouched
-            for p in params:
-                p.grad = None
-            self._skip_this_step = False
+        else:
+            return
+        for p in params:  # skip: AdamW leaves parameters whose grad is None untouched
+            p.grad = None
 
     def _all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """One host sync, and the same answer on every rank (FSDP2 gradients are DTensor shards: each rank
-        sees only its own, so the verdict is all-reduced or ranks would diverge). The per-tensor norms read
+        """One host sync, and the same answer on every rank (FSDP2 gradients are DTensor shards, and a rank may
+        hold a non-finite value the others do not: the verdict is all-reduced). The per-tensor norms read
         each gradient once without allocating a mask of its size; a norm is inf/nan iff an element is (or
         the gradient is beyond ~1e19, where its square overflows: no less fatal)."""
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)).float().sum())).float()
-        if self.trainer.world_size > 1 and any(hasattr(g, "to_local") for g in grads):
+        if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         return not bool(bad)
 
     def _nonfinite(self, what: str) -> None:
+        """Called on every rank with the same verdict: raise (`stop`) or count a skipped step (`skip`)."""
         step = self.global_step
         if self.hparams.nonfinite == "stop":
             raise NonFiniteError(
@@ -224,10 +248,8 @@ class SFT(L.LightningModule):
                 "The last checkpoint written before this step is intact; set model.init_args.nonfinite=skip to skip such steps."
             )
         self.skipped_steps += 1
-        self._skip_this_step = True
         log.warning("skipping optimizer step %d: %s (%d skipped so far)", step, what, self.skipped_steps)
         self.log("train/skipped_steps", float(self.skipped_steps))
-        return None
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._t_batch = time.perf_counter()
