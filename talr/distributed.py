@@ -8,7 +8,7 @@ forward until its backward, so the chunked loss can read `get_output_embeddings(
 `model(...)` (see `talr.ops.causal_lm_token_losses`).
 
 Gradients are reduce-scattered as averages over the data-parallel group (like DDP), which is what
-`SFT.on_before_optimizer_step`'s `accumulate · world_size / N` rescaling expects when the mesh is
+`SFT`'s `accumulate · world_size / N` gradient rescaling expects when the mesh is
 pure data parallel (`tensor_parallel_size=1`; tensor parallelism is not supported here).
 
 Usage in a LightningModule (the `ModelParallelStrategy` sets `self.device_mesh` before `configure_model`):
