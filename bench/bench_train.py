@@ -2,6 +2,7 @@
 
 Variants, each in a fresh process (so peak memory is its own), on the same random-token batches:
   plain        HF model + torch.optim.AdamW + the model's own `labels=` loss (one run per --attn value)
+  plain_compiled the same with torch.compile(model) (the GPU yardstick)
   sft, talr, flow, l2
                talr.methods.SFT / TALR / FLOW / L2Init through a real lightning.pytorch.Trainer
   sft_chunked  SFT with the chunked per-token loss (talr.ops.causal_lm_token_losses)
@@ -21,7 +22,9 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["plain", "sft", "talr", "flow", "l2", "sft_chunked", "sft_compiled"]
+VARIANTS = ["plain", "plain_compiled", "sft", "talr", "flow", "l2", "sft_chunked", "sft_compiled"]
+# Dense bf16 peak of the GPU, for MFU (--peak-tflops overrides): NVIDIA's datasheet figure without sparsity.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["32-true", "bf16-mixed", "bf16-true"], default="32-true")
     p.add_argument("--attn", default="sdpa", help="attention implementation(s), comma-separated (sdpa, eager, "
                    "flash_attention_2); the plain loop runs once per value, talr variants use the first")
-    p.add_argument("--compile", action="store_true", help="torch.compile the plain loop's model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the plain loop's model (= plain_compiled)")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="every talr variant compiles its decoder layers (model.init_args.compile: true)")
+    p.add_argument("--baseline", default="plain", help="variant the ratios refer to (plain: the first --attn)")
+    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs' dense "
+                   "bf16 datasheet figure; none on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--loss-chunk-size", type=int, default=256, help="supervised tokens per chunk for sft_chunked")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
@@ -129,16 +137,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_plain(args, attn: str) -> list[float]:
+def run_plain(args, attn: str, compiled: bool = False) -> list[float]:
     import torch
     from torch.utils.data import DataLoader
 
     from talr.data.encoding import Collator
 
-    model = build_model(args, attn).to(args.device)
+    with torch.device(args.device):  # random init on the device: seconds, not a minute, for 1.5B parameters
+        model = build_model(args, attn)
     data = examples(args, model.config.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=args.device == "cuda")
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model) if compiled or args.compile else model
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     times, last = [], None
     _sync(args.device)
@@ -176,7 +185,7 @@ def run_lightning(args, variant: str) -> list[float]:
             if self.model is None:
                 self.model = build_model(args, attn)
                 self.tokenizer = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 2})()
-                if variant == "sft_compiled":
+                if variant == "sft_compiled" or args.compile_layers:
                     self.compile_layers()
 
         def token_losses(self, batch):
@@ -238,15 +247,22 @@ def worker(args) -> dict:
     import talr.ops  # noqa: F401
 
     variant, _, attn = args.worker.partition(":")
+    attn = attn or args.attns[0]
     rss0 = _reset_peak_kib()
-    times = run_plain(args, attn) if variant == "plain" else run_lightning(args, variant)
+    if variant.startswith("plain"):
+        times = run_plain(args, attn, compiled=variant == "plain_compiled")
+    else:
+        times = run_lightning(args, variant)
     timed = times[args.warmup:]
     tokens = args.batch * args.seq
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = (_status_kib("VmHWM") - rss0) / 1024
-    return {"variant": variant, "attn": attn or args.attns[0], "steps": len(timed),
+    import platform
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    return {"variant": variant, "attn": attn or args.attns[0], "steps": len(timed), "device_name": device_name,
             "step_s_median": statistics.median(timed), "tokens_per_s": tokens * len(timed) / sum(timed),
             "tokens_per_s_median": tokens / statistics.median(timed), "peak_mib": peak}
 
@@ -280,6 +296,8 @@ def jobs(args) -> list[str]:
     out = []
     for v in args.variant_list:
         out += [f"plain:{a}" for a in args.attns] if v == "plain" else [v]
+    if args.baseline not in args.variant_list:
+        raise SystemExit(f"--baseline {args.baseline} is not among --variants {args.variant_list}")
     return out
 
 
@@ -311,27 +329,57 @@ def main(argv=None) -> None:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results}, f, indent=1)
 
 
-def table(args, results: dict[str, list[dict]]) -> str:
+def train_flops_per_token(cfg, seq: int) -> float:
+    """Training FLOPs per token, PaLM's count (appendix B): 6 x the matmul parameters (the output layer included,
+    tied or not; the embedding lookup is free) + 12 x layers x heads x head_dim x seq for attention."""
+    h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    per_layer = h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * cfg.intermediate_size
+    return 6.0 * (layers * per_layer + cfg.vocab_size * h) + 12.0 * layers * heads * hd * seq
+
+
+def peak_tflops(args, device_name: str) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None) if args.device == "cuda" else None
+
+
+def summarize(args, results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per job: medians over repeats, TFLOP/s, MFU, and ratios against the --baseline variant."""
     med = {job: {k: statistics.median(r[k] for r in runs) for k in ("tokens_per_s_median", "tokens_per_s", "peak_mib")}
            for job, runs in results.items()}
-    base = med.get(f"plain:{args.attns[0]}")
+    base = med.get(f"plain:{args.attns[0]}" if args.baseline == "plain" else args.baseline)
+    flops = train_flops_per_token(model_config(args), args.seq)
+    for job, m in med.items():
+        peak = peak_tflops(args, results[job][0].get("device_name", ""))
+        m["tflops"] = m["tokens_per_s_median"] * flops / 1e12
+        m["mfu"] = m["tflops"] / peak if peak else None
+        m["speed_ratio"] = m["tokens_per_s_median"] / base["tokens_per_s_median"] if base else None
+        m["memory_ratio"] = m["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] > 0 else None
+    return med
+
+
+def table(args, results: dict[str, list[dict]]) -> str:
+    med = summarize(args, results)
     cfg = model_config(args)
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [
         f"{args.arch if not args.config_from else cfg.model_type}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
         f"layers, vocab {cfg.vocab_size}; batch {args.batch} x seq {args.seq}; {args.device} {args.precision}; "
         f"{args.steps} timed steps after {args.warmup} warmup, median of {args.repeats} run(s); "
-        f"threads {args.threads or 'default'}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy.upper()}",
+        f"threads {args.threads or 'default'}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy.upper()}"
+        + (", talr layers compiled" if args.compile_layers else ""),
         "",
-        "| variant | attn | tokens/s (median step) | tokens/s (mean) | peak memory MiB | speed vs plain | memory vs plain |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | attn | tokens/s (median step) | tokens/s (mean) | peak memory MiB | TFLOP/s | MFU | "
+        f"speed vs {args.baseline} | memory vs {args.baseline} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for job, m in med.items():
         variant, _, attn = job.partition(":")
-        attn = attn or args.attns[0]
-        speed = f"{m['tokens_per_s_median'] / base['tokens_per_s_median']:.2f}" if base else "-"
-        mem = f"{m['peak_mib'] / base['peak_mib']:.2f}" if base and base["peak_mib"] > 0 else "-"
-        lines.append(f"| {variant} | {attn} | {m['tokens_per_s_median']:.0f} | {m['tokens_per_s']:.0f} | "
-                     f"{m['peak_mib']:.0f} | {speed} | {mem} |")
+        lines.append(f"| {variant} | {attn or args.attns[0]} | {m['tokens_per_s_median']:.0f} | {m['tokens_per_s']:.0f} | "
+                     f"{m['peak_mib']:.0f} | {fmt(m['tflops'], '.3g')} | {fmt(m['mfu'], '.1%')} | "
+                     f"{fmt(m['speed_ratio'], '.2f')} | {fmt(m['memory_ratio'], '.2f')} |")
     return "\n".join(lines)
 
 
