@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -25,6 +26,7 @@ HARD = 0.2  # "hard" token: p below this
 # Share of supervised tokens with p < 0.2 above which a set counts as having many hard tokens. The paper's
 # 3-7B models put the median token near p = 1; SmolLM2-135M leaves 30% (CoT) to 65% (label) below 0.2.
 MANY_HARD, FEW_HARD = 0.25, 0.10
+log = logging.getLogger(__name__)
 
 
 def build_task(task: str, source: str, fmt: str, split: str, limit: int | None):
@@ -137,9 +139,14 @@ def analyze(model, tokenizer, task, split: str = "train", max_length: int = 2048
     from talr.data.encoding import encode_rows
 
     rows = task.load_splits()[split]
+    log.info("analyze: %d rows of %s (source %s), up to %d tokens each; tokenising", len(rows), split,
+             task.source, max_length)
     examples, counts = encode_rows(task, rows, tokenizer, max_length, "truncate", split=split, progress=progress)
     if not examples:
         raise ValueError(f"no examples in split {split!r} after encoding")
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    log.info("analyze: %d examples, %d tokens: %d forward passes of batch %d on %s", len(examples), tokens,
+             -(-len(examples) // batch_size), batch_size, device)
     nll, positions = token_nll(model, examples, tokenizer.pad_token_id, batch_size, device, progress)
     stats = summarize(np.concatenate(nll))
     stats["n_examples"] = len(examples)
@@ -176,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    log.info("analyze: %s on %s/%s (%s split, %s), batch %d", args.model, args.task, args.format, args.split,
+             f"a seeded subset of {args.limit} rows" if args.limit else "all rows", args.batch_size)
     from talr.modeling import load_model, load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

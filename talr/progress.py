@@ -1,13 +1,8 @@
-"""Progress as log lines, for runs whose output is not a terminal (a log file, a batch job, `| tee`).
+"""Progress and the size of the work, for output that is not a terminal (a log file, a batch job, `| tee`).
 
-Lightning's TQDM bar writes to stdout, which Python buffers when it is not a terminal, and redraws one line
-in place: in a log it shows up only at the end. `LogProgress` is a Lightning progress bar that instead logs a
-line every N steps (and at least every `every_s` seconds) with counts, rate and an ETA, and one line per phase
-(data ready, model ready, the training plan, each validation). The CLI uses it instead of the TQDM bar when
-stdout is not a terminal and `trainer.enable_progress_bar` is not false (talr.trainer_cli).
-
-`phase_log(...)` / `iterate(...)` give code outside Lightning's loops the same behaviour: a tqdm bar in a
-terminal, log lines with counts and an ETA otherwise.
+`iterate(...)` gives a loop a tqdm bar in a terminal and log lines with counts and an ETA otherwise;
+`general_eval_plan(...)` says how many documents and tokens a general evaluation has before it starts.
+The Lightning progress bar that logs lines (`LogProgress`) is in talr.progress_bar. No Lightning import here.
 """
 
 from __future__ import annotations
@@ -18,9 +13,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
-
-from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
-from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger("talr.progress")
 T = TypeVar("T")
@@ -85,128 +77,67 @@ def iterate(items: Iterable[T], what: str, total: int | None = None, every_s: fl
     logger.info(_line(what, done, total or float("nan"), start) + " (done)")
 
 
-class LogProgress(ProgressBar):
-    """A Lightning progress bar that logs: a line every `every_n_steps` training steps (default: 20 lines per run,
-    at least one every `every_s` seconds), validation/test/predict lines at most every `every_s` seconds, and
-    one line per phase with its duration. Only rank 0 logs."""
+# -- plans: how much work a command has, said before it starts ----------------------------------------
+EVAL_SPLIT = {"ifeval": "train", "gsm8k": "test", "humaneval": "test"}  # the split each benchmark scores
 
-    def __init__(self, every_n_steps: int | None = None, every_s: float = 60.0):
-        super().__init__()
-        self.every_n_steps = every_n_steps
-        self.every_s = every_s
-        self._enabled = True
-        self._t0 = time.perf_counter()  # the CLI builds the callback just before the trainer
-        self._phase_t = self._t0
-        self._start = self._last = self._t0
-        self._steps_at_start = 0
 
-    # -- ProgressBar protocol ---------------------------------------------------------------------------
-    def disable(self) -> None:
-        self._enabled = False
+def _count_lines(path: str) -> int | None:
+    import gzip
 
-    def enable(self) -> None:
-        self._enabled = True
+    try:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
 
-    @property
-    def is_enabled(self) -> bool:
-        return self._enabled
 
-    def print(self, *args, **kwargs) -> None:
-        print(*args, **kwargs, flush=True)
+def _token_cap(task: str) -> int | None:
+    """The task's own generation cap (max_gen_toks in its YAML), None if it uses lm-eval's default."""
+    import re
+    from importlib import resources
 
-    def _log(self, msg: str, *args) -> None:
-        if self._enabled:
-            log.info(msg, *args)
+    from talr.general.lm_tasks import lm_eval_tasks_dir
 
-    def _phase(self, text: str) -> None:
-        now = time.perf_counter()
-        self._log("%s (%s; %s since start)", text, duration(now - self._phase_t), duration(now - self._t0))
-        self._phase_t = now
+    texts = []
+    try:
+        texts.append(resources.files("talr.general").joinpath("tasks", f"{task}.yaml").read_text("utf-8"))
+    except (FileNotFoundError, OSError):
+        pass
+    try:
+        texts.append((lm_eval_tasks_dir() / task / f"{task}.yaml").read_text("utf-8"))
+    except OSError:
+        pass
+    for text in texts:
+        if match := re.search(r"max_gen_toks:\s*(\d+)", text):
+            return int(match.group(1))
+    return None
 
-    # -- phases -------------------------------------------------------------------------------------------
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        examples = getattr(trainer.datamodule, "examples", None) or {}
-        counts = ", ".join(f"{len(v)} {k}" for k, v in examples.items())
-        self._phase(f"data ready: {counts or 'no examples'} examples; next: loading the model")
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._phase("model ready; next: measurements before the first step (references, baseline validation)")
+def general_eval_plan(tasks: list[str], limit: float | None = None, data_dir=None, max_gen_toks: int | None = None,
+                      batch_size: int | None = None) -> str:
+    """'ifeval: 4 of 541 documents, up to 1280 new tokens each; ...': the work of a general evaluation."""
+    from talr.general.lm_tasks import resolve_data_files
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        total = trainer.estimated_stepping_batches
-        self._steps_total = total
-        self._steps_at_start = trainer.global_step
-        n = self.every_n_steps or max(1, int(total // 20) if math.isfinite(total) else 10)
-        self._every = n
-        limit = f"max_steps {trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else \
-            f"max_epochs {trainer.max_epochs}"
-        self._phase(f"training: {int(total) if math.isfinite(total) else '?'} optimizer steps "
-                    f"({trainer.num_training_batches} batches per epoch, {limit}); a line every {n} steps")
-        self._start = self._last = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        done = step - self._steps_at_start
-        if done <= 0 or getattr(self, "_logged_step", None) == step:
-            return
-        now = time.perf_counter()
-        if step % self._every and now - self._last < self.every_s and step < self._steps_total:
-            return
-        self._logged_step, self._last = step, now
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        extra = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        self._log(_line(f"train step (epoch {trainer.current_epoch})", done, self._steps_total, self._start, extra,
-                        position=step))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._phase(f"training done at step {trainer.global_step}")
-
-    # -- evaluation loops ---------------------------------------------------------------------------------
-    def _eval_start(self, what: str, total) -> None:
-        self._eval_what, self._eval_total = what, total
-        self._eval_start_t = self._eval_last = time.perf_counter()
-        self._log("%s: %s batches", what, int(total) if math.isfinite(total) else "?")
-
-    def _eval_batch(self, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if now - self._eval_last >= self.every_s:
-            self._eval_last = now
-            self._log(_line(self._eval_what, batch_idx + 1, self._eval_total, self._eval_start_t))
-
-    def _eval_end(self) -> None:
-        self._log("%s done in %s", self._eval_what, duration(time.perf_counter() - self._eval_start_t))
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            what = "sanity check (validation batches before training)"
-        elif trainer.state.fn == TrainerFn.FITTING:
-            what = f"validation at step {trainer.global_step}"
+    try:
+        files = resolve_data_files([t for t in tasks if t in EVAL_SPLIT or t == "humaneval_instruct"], data_dir)
+    except (OSError, ValueError):
+        files = {}
+    parts, total = [], 0
+    for task in tasks:
+        data = files.get({"humaneval_instruct": "humaneval"}.get(task, task))
+        split = EVAL_SPLIT.get({"humaneval_instruct": "humaneval"}.get(task, task))
+        n = _count_lines(data[split]) if data and split in data else None
+        if limit is None:
+            docs = n
         else:
-            what = "validation"
-        total = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        self._eval_start(what, sum(total) if isinstance(total, list) else total)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(batch_idx)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._eval_end()
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._eval_start("test", sum(trainer.num_test_batches))
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(batch_idx)
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._eval_end()
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self._eval_start("predict", sum(trainer.num_predict_batches))
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(batch_idx)
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._eval_end()
+            docs = int(limit) if limit >= 1 else (int(n * limit) if n is not None else None)
+            docs = min(docs, n) if docs is not None and n is not None else docs
+        total += docs or 0
+        cap = max_gen_toks or _token_cap(task)
+        parts.append(f"{task}: {docs if docs is not None else '?'}"
+                     + (f" of {n}" if n is not None else " (hub data)") + " documents, up to "
+                     + (f"{cap} new tokens each" if cap else "256 new tokens each (lm-eval's default)"))
+    plan = "; ".join(parts)
+    if total:
+        plan += f" — {total} generations" + (f" in batches of {batch_size}" if batch_size else "")
+    return plan

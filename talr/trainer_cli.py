@@ -3,7 +3,7 @@
 Beyond LightningCLI: the model name configures the tokenizer too; checkpoints load `weights_only`; no
 sanity-check validation by default (the method's baseline already validates every example before the first
 step, and the sanity check's "Sanity Checking" bar was taken for it); progress as log lines when stdout is
-not a terminal (talr.progress.LogProgress); parser errors as one message naming the key, with the closest
+not a terminal (talr.progress_bar.LogProgress); parser errors as one message naming the key, with the closest
 valid key (talr.cli_errors); and a run that fails before its first optimizer step leaves no empty log
 directory (`version_N` holding only config.yaml/hparams.yaml) behind.
 """
@@ -18,7 +18,8 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from talr.cli_errors import config_error_message, parser_keys
-from talr.progress import LogProgress, is_terminal
+from talr.progress import is_terminal
+from talr.progress_bar import LogProgress
 
 log = logging.getLogger("talr.cli")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -150,7 +150,7 @@ def test_progress_is_logged_every_n_steps_without_a_terminal(tmp_path, tiny_mode
         main(["fit", "--config", str(cfg)])
     lines = [r.getMessage() for r in caplog.records if r.name == "talr.progress"]
     assert any(line.startswith("data ready: 8 train, 4 validation, 4 test examples") for line in lines), lines
-    assert any(line.startswith("training: 4 optimizer steps") for line in lines), lines
+    assert any(line.startswith("ready to train: 4 optimizer steps") for line in lines), lines
     steps = [line for line in lines if line.startswith("train step")]
     assert [s.split(":")[1].split()[0] for s in steps] == ["1/4", "2/4", "3/4", "4/4"]  # 4 steps: every step
     assert "ETA" in steps[0] and "train/loss" in steps[0]

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
+    from talr.progress import general_eval_plan
+
+    logging.getLogger("talr.evaluate").info("evaluate %s: %s", args.model, general_eval_plan(
+        tasks, limit, args.data_dir, args.max_gen_toks, args.batch_size))
 
     from talr.chat import ChatFormat
     from talr.general.evaluate import evaluate_general

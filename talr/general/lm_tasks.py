@@ -129,11 +129,20 @@ def render_task_yaml(task: str, files: Mapping[str, str] | None) -> str:
                 "dataset_path: json\ndataset_name: null\n"
                 f"dataset_kwargs:\n  data_files:\n    test: {_yaml_str(files['test'])}"
             )
-        return string.Template(template).substitute(fields)
+        return _with_cache_dir(string.Template(template).substitute(fields))
     if files is None:  # online: lm-eval's own task file, untouched
         return f"include: {_yaml_str(own)}\n"
     fields.update({split: _yaml_str(path) for split, path in files.items()})
-    return string.Template(template).substitute(fields)
+    return _with_cache_dir(string.Template(template).substitute(fields))
+
+
+def _with_cache_dir(text: str) -> str:
+    """`datasets` converts even local files into a cache (default ~/.cache/huggingface/datasets): keep it in
+    $TALR_CACHE/hf_datasets, like talr's other caches."""
+    from talr.modeling import cache_dir
+
+    cache = _yaml_str(cache_dir() / "hf_datasets")
+    return text.replace("dataset_kwargs:\n", f"dataset_kwargs:\n  cache_dir: {cache}\n", 1)
 
 
 def write_task_dir(
