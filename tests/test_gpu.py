@@ -50,28 +50,32 @@ def test_fsdp1_strategy_constructs():
 
 
 def test_model_parallel_strategy_one_gpu_bf16(tmp_path, tiny_model_dir):
-    """FSDP2 through ModelParallelStrategy on one GPU (NCCL, world 1), bf16 compute, chunked loss."""
+    """FSDP2 through ModelParallelStrategy on one GPU (NCCL, world 1), bf16 compute from FSDP2's own mixed precision
+    (`fsdp_mixed_precision`; the module shards in configure_model, so a test must not re-shard: sharding is
+    idempotent and a second call's options are ignored), fp32 sharded weights, activation checkpointing, chunked loss."""
+    import lightning.pytorch as L
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from talr.distributed import shard_model
     from talr.methods import SFT
-    from talr.ops import causal_lm_token_losses
 
-    class Sharded(SFT):
-        def configure_model(self):
-            super().configure_model()
-            if self.device_mesh is not None:
-                shard_model(self.model, self.device_mesh, mixed_precision="bf16", activation_checkpointing=True)
+    class ComputeDtype(L.Callback):
+        def __init__(self):
+            self.seen = set()
 
-        def token_losses(self, batch):
-            return causal_lm_token_losses(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"], 64)
+        def on_train_start(self, trainer, pl_module):
+            q_proj = pl_module.model.model.layers[0].self_attn.q_proj
+            q_proj.register_forward_pre_hook(lambda module, args: self.seen.add(module.weight.dtype))
 
-    model = Sharded(pretrained=str(tiny_model_dir), lr=1e-3, warmup_ratio=0.0, baseline_eval=False,
-                    generate_in_eval=False)
-    trainer = _trainer(tmp_path, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    model = SFT(pretrained=str(tiny_model_dir), lr=1e-3, warmup_ratio=0.0, baseline_eval=False, generate_in_eval=False,
+                fsdp_mixed_precision="bf16", gradient_checkpointing=True, loss_chunk_size=64)
+    probe = ComputeDtype()
+    trainer = _trainer(tmp_path, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                       callbacks=[probe])
     trainer.fit(model, _data(tiny_model_dir))
     assert trainer.global_step == 2
     assert any(hasattr(p, "full_tensor") for p in model.model.parameters())
+    assert probe.seen == {torch.bfloat16}  # computed in bf16 ...
+    assert {p.dtype for p in model.model.parameters()} == {torch.float32}  # ... from fp32 sharded weights
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 

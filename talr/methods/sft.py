@@ -61,6 +61,10 @@ class SFT(L.LightningModule):
             (default: the model's `_no_split_modules`).
         fsdp_reshard_after_forward: True = full shard (ZeRO-3); False = keep each layer's gathered weights
             from forward to backward (shard-grad-op, ZeRO-2-like: less communication, more memory).
+        fsdp_mixed_precision: under `ModelParallelStrategy`, FSDP2's own mixed precision: `bf16`/`fp16` gathers
+            and computes in that dtype, reduces gradients in fp32 and keeps fp32 sharded weights and optimizer
+            state (`talr.distributed.shard_model`). Use it with Trainer precision `32-true`; `null` (default)
+            computes in the weights' dtype (`bf16-mixed` autocast then does the casting instead).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class SFT(L.LightningModule):
         loss_chunk_size: int = 0,
         fsdp_layer_classes: list[str] | None = None,
         fsdp_reshard_after_forward: bool = True,
+        fsdp_mixed_precision: Literal["bf16", "fp16"] | None = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -90,6 +95,7 @@ class SFT(L.LightningModule):
         self.tokenizer = None
         self.register_buffer("_window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_window_bad_losses", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_window_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.skipped_steps = 0
         self._closing_window = False
         self._t_batch = 0.0
@@ -112,7 +118,7 @@ class SFT(L.LightningModule):
             from talr.distributed import shard_model
 
             shard_model(self.model, self.device_mesh, hp.fsdp_layer_classes, activation_checkpointing=hp.gradient_checkpointing,
-                        reshard_after_forward=hp.fsdp_reshard_after_forward)
+                        reshard_after_forward=hp.fsdp_reshard_after_forward, mixed_precision=hp.fsdp_mixed_precision)
         if hp.compile:
             self.compile_layers()
 
@@ -183,6 +189,7 @@ class SFT(L.LightningModule):
         n = mask.sum()
         self._window_tokens += n
         self._window_bad_losses += (~torch.isfinite(loss_sum.detach())).double()  # judged once per step, all ranks
+        self._window_seen += batch["attention_mask"].sum()
         denom = n.clamp_min(1)
         self.log("train/loss", loss_sum.detach() / denom, prog_bar=True)
         self.log("train/ce", token_losses.detach().where(mask, 0.0).sum() / denom)
@@ -207,12 +214,14 @@ class SFT(L.LightningModule):
     def _finish_gradient(self) -> None:
         """Once per optimizer step: rescale to d(Σ w ℓ / N)/dθ, add the method's term, then decide — from
         verdicts all-reduced over ranks, so identically everywhere — whether the step is non-finite."""
-        totals = torch.stack([self._window_tokens, self._window_bad_losses])
+        windows = (self._window_tokens, self._window_bad_losses, self._window_seen)
+        totals = torch.stack(windows)
         if self.trainer.world_size > 1:
             totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        n, bad_losses = totals.tolist()
-        self._window_tokens.zero_()
-        self._window_bad_losses.zero_()
+        n, bad_losses, seen = totals.tolist()
+        for window in windows:
+            window.zero_()
+        self.tokens_seen += int(seen)  # every rank's tokens (summary.json), counted once per step
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n, 1.0)
         params = self.trainable_parameters()
         grads = [p.grad for p in params if p.grad is not None]
@@ -256,7 +265,6 @@ class SFT(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         dt = max(time.perf_counter() - self._t_batch, 1e-9)
-        self.tokens_seen += int(batch["attention_mask"].sum())
         self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / dt)
         self.log("train/supervised_tokens_per_s", (batch["labels"] != -100).sum().float() / dt)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -297,13 +305,31 @@ class SFT(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         token_losses, mask = self.token_losses(batch)
+        own = self._own_rows(batch)
+        mask = mask & own[:, None]  # rows repeated by the distributed sampler's padding are not scored
         self._last_eval_token_stats = (token_losses.detach(), mask)  # read by talr.callbacks.AnswerSpanNLL
         acc = self._eval_nll[stage]
         acc[0] += float(token_losses.where(mask, 0.0).sum())
         acc[1] += float(mask.sum())
         if self.hparams.generate_in_eval:
+            # every row, padding too: under FSDP2 each generation step is a collective all ranks must join
             generations = self.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-            self.trainer.datamodule.task.update_metrics(self.eval_metrics[stage], generations, batch["rows"])
+            keep = own.tolist()
+            if any(keep):
+                self.trainer.datamodule.task.update_metrics(
+                    self.eval_metrics[stage], [g for g, k in zip(generations, keep) if k],
+                    [r for r, k in zip(batch["rows"], keep) if k])
+
+    def _own_rows(self, batch: dict) -> torch.Tensor:
+        """(B,) bool: the rows this rank scores. Validation and test shards come from a non-shuffling
+        `DistributedSampler` (Lightning's, and the baseline's below): rank r gets indices r, r+W, r+2W, … and the
+        shorter ranks are padded with repeats of the first indices, so that every rank runs the same number of
+        batches (FSDP2 needs that). Scoring only index ≡ r (mod W) counts each row exactly once."""
+        index = batch["index"]
+        kwargs = self.trainer.strategy.distributed_sampler_kwargs if self.trainer.world_size > 1 else None
+        if not kwargs:
+            return torch.ones_like(index, dtype=torch.bool)
+        return index % kwargs["num_replicas"] == kwargs["rank"]
 
     def _eval_results(self, stage: str) -> dict[str, float]:
         nll = torch.tensor(self._eval_nll[stage], dtype=torch.float64, device=self.device)
@@ -327,11 +353,11 @@ class SFT(L.LightningModule):
         results = self._eval_results("val")
         if self.trainer.sanity_checking:
             return
-        self.log_dict(results, sync_dist=False)
+        self.log_dict(results, sync_dist=True)  # already global: the mean over ranks of equal values is a no-op
         self.last_val = results
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._eval_results("test"), sync_dist=False)
+        self.log_dict(self._eval_results("test"), sync_dist=True)
 
     def on_train_start(self) -> None:
         """Evaluate the domain before any update: the baseline every later score is compared to."""
@@ -343,6 +369,13 @@ class SFT(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         loader = self.trainer.datamodule.val_dataloader()
+        kwargs = self.trainer.strategy.distributed_sampler_kwargs if self.trainer.world_size > 1 else None
+        if kwargs:  # the shards Lightning's validation loop uses (see `_own_rows`)
+            from torch.utils.data import DataLoader, DistributedSampler
+
+            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                                num_workers=loader.num_workers,
+                                sampler=DistributedSampler(loader.dataset, shuffle=False, drop_last=False, **kwargs))
         with torch.no_grad():
             for batch in tqdm(loader, desc="baseline validation", disable=not self.trainer.is_global_zero):
                 self._eval_step(move_data_to_device(batch, self.device), "val")
