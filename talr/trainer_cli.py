@@ -65,6 +65,9 @@ class TalrCLI(LightningCLI):
             keys = parser_keys(subparser) if subparser is not None else parser_keys(parser)
             raise ConfigError(config_error_message(str(err), keys, argv)) from err
 
+    def before_instantiate_classes(self) -> None:
+        name_run_after_method(self.config.get(self.subcommand) if self.subcommand else self.config)
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
@@ -81,6 +84,20 @@ class TalrCLI(LightningCLI):
             if subcommand != "fit" or self.trainer.global_step == 0:
                 remove_empty_log_dirs(self.trainer, self._started)
             raise
+
+
+def name_run_after_method(config) -> None:
+    """A CSV/TensorBoard logger left at its default name ("lightning_logs") is named after the method, in lower
+    case (`runs/quickstart/talr/version_0` under a TALR overlay); a name the user set is kept."""
+    from jsonargparse import Namespace
+
+    logger, model = config.get("trainer", Namespace()).get("logger"), config.get("model")
+    if not isinstance(logger, Namespace) or not isinstance(model, Namespace) or not model.get("class_path"):
+        return
+    init_args = logger.get("init_args")
+    if str(logger.get("class_path")).rsplit(".", 1)[-1] in ("CSVLogger", "TensorBoardLogger") and init_args is not None \
+            and init_args.get("name") == "lightning_logs":
+        init_args.name = model.class_path.rsplit(".", 1)[-1].lower()
 
 
 def remove_empty_log_dirs(trainer, since: float) -> list[Path]:

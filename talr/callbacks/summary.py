@@ -25,6 +25,15 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def before_after_lines(summary: dict) -> list[str]:
+    """`metric  before -> after` for each metric measured before training and now (domain, general), and the
+    code-length drift (0 before training by definition). Counts (`val/n`) and timings are not metrics."""
+    before = {**summary.get("baseline", {}), **summary.get("general_baseline", {}), "drift/nll_delta": 0.0}
+    after = summary.get("final", {})
+    keys = [k for k in sorted(after) if k in before and not k.endswith(("/n", "seconds"))]
+    return [f"{k:<32} {before[k]:>10.4f} -> {after[k]:.4f}" for k in keys]
+
+
 class RunSummary(L.Callback):
     """Writes `<log_dir>/summary.json` after fit (and updates it after test or validate) and prints before → after.
 
@@ -85,9 +94,7 @@ class RunSummary(L.Callback):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
         tmp.replace(path)
-        before, after = self.summary["baseline"], self.summary["final"]
-        lines = [f"{k:<24} {before.get(k, float('nan')):>10.4f} -> {after[k]:.4f}" for k in sorted(after) if k in before]
-        print(f"\n== talr {stage} summary ({path}) ==\n" + "\n".join(lines)
+        print(f"\n== talr {stage} summary ({path}) ==\n" + "\n".join(before_after_lines(self.summary))
               + f"\nwall time {self.summary[f'wall_time_s/{stage}']:.0f} s, {self.summary['tokens_seen']} tokens, "
               f"{trainer.global_step} optimizer steps")
 

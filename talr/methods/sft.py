@@ -102,6 +102,7 @@ class SFT(L.LightningModule):
         self.tokens_seen = 0
         self.baseline: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        self._validated_at: int | None = None  # global step of the last validation
 
     # -- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -238,10 +239,8 @@ class SFT(L.LightningModule):
             p.grad = None
 
     def _all_finite(self, grads: list[torch.Tensor]) -> bool:
-        """One host sync, and the same answer on every rank (FSDP2 gradients are DTensor shards, and a rank may
-        hold a non-finite value the others do not: the verdict is all-reduced). The per-tensor norms read
-        each gradient once without allocating a mask of its size; a norm is inf/nan iff an element is (or
-        the gradient is beyond ~1e19, where its square overflows: no less fatal)."""
+        """The same answer on every rank (all-reduced: FSDP2 ranks hold different shards). Per-tensor norms read each
+        gradient once, no mask of its size; a norm is inf/nan iff an element is (or its square overflows)."""
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local)).float().sum())).float()
         if self.trainer.world_size > 1:
@@ -354,15 +353,29 @@ class SFT(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.log_dict(results, sync_dist=True)  # already global: the mean over ranks of equal values is a no-op
-        self.last_val = results
+        self.last_val, self._validated_at = results, self.global_step
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._eval_results("test"), sync_dist=True)
 
     def on_train_start(self) -> None:
         """Evaluate the domain before any update: the baseline every later score is compared to."""
-        if not self.hparams.baseline_eval or self.global_step > 0 or not self.trainer.datamodule.examples.get("validation"):
-            return
+        if self.hparams.baseline_eval and self.global_step == 0 and self.trainer.datamodule.examples.get("validation"):
+            self.baseline = self._validate_now("baseline validation", step=0, also_as="baseline/")
+
+    def on_train_end(self) -> None:
+        """Evaluate the final model, unless the last validation ran at this very step: a run cut short by
+        `max_steps` ends mid-epoch, where Lightning does not validate. `limit_val_batches: 0` turns it off."""
+        if (self.trainer.datamodule.examples.get("validation") and self.trainer.limit_val_batches != 0
+                and self._validated_at != self.global_step):
+            self.last_val = self._validate_now("final validation", step=self.global_step)
+            self._validated_at = self.global_step
+            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.last_val.items()})
+
+    @torch.no_grad()
+    def _validate_now(self, desc: str, step: int, also_as: str = "") -> dict[str, float]:
+        """The validation split outside Lightning's loop, on the shards that loop uses (see `_own_rows`); the
+        results are logged at `step` (and again under the prefix `also_as`) and returned."""
         from lightning.pytorch.utilities import move_data_to_device
         from tqdm.auto import tqdm
 
@@ -370,19 +383,19 @@ class SFT(L.LightningModule):
         self.model.eval()
         loader = self.trainer.datamodule.val_dataloader()
         kwargs = self.trainer.strategy.distributed_sampler_kwargs if self.trainer.world_size > 1 else None
-        if kwargs:  # the shards Lightning's validation loop uses (see `_own_rows`)
+        if kwargs:
             from torch.utils.data import DataLoader, DistributedSampler
 
             loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
                                 num_workers=loader.num_workers,
                                 sampler=DistributedSampler(loader.dataset, shuffle=False, drop_last=False, **kwargs))
-        with torch.no_grad():
-            for batch in tqdm(loader, desc="baseline validation", disable=not self.trainer.is_global_zero):
-                self._eval_step(move_data_to_device(batch, self.device), "val")
+        for batch in tqdm(loader, desc=desc, disable=not self.trainer.is_global_zero):
+            self._eval_step(move_data_to_device(batch, self.device), "val")
         self.model.train(was_training)
-        self.baseline = self._eval_results("val")
-        metrics = {**self.baseline, **{f"baseline/{k}": v for k, v in self.baseline.items()}}
+        results = self._eval_results("val")
         if self.trainer.is_global_zero:
             for logger in self.loggers:
-                logger.log_metrics(metrics, step=0)
-            log.info("baseline: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.baseline.items()))
+                logger.log_metrics({**results, **({f"{also_as}{k}": v for k, v in results.items()} if also_as else {})},
+                                   step=step)
+            log.info("%s: %s", desc, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        return results
