@@ -335,6 +335,7 @@ def run_two_ranks(fn, *args, timeout: float = 240.0) -> None:
             raise TimeoutError(f"2-rank run did not finish in {timeout} s")
 
 
+@pytest.mark.slow
 def test_sharded_generation_steps_in_lockstep_when_answers_end_at_different_steps(tmp_path):
     """Under FSDP2 each decoding step is a collective: rank 0's answer ends after 2 tokens (it now stops at the
     end-of-turn token), rank 1's never does. transformers steps every rank until all are done (synced_gpus,
