@@ -48,10 +48,13 @@ class LoRA(SFT):
         """A copy of the model with the adapters merged in (the training model is left untouched)."""
         return copy.deepcopy(self.model).merge_and_unload()
 
-    def save_hf(self, model, path) -> None:
-        """The adapter in `<path>/adapter`, the merged model (a plain HF model) in `path`."""
+    def save_hf(self, model, path, dtype: torch.dtype | None = None) -> None:
+        """The adapter (training dtype) in `<path>/adapter`, the merged model (a plain HF model, cast to `dtype`
+        after merging) in `path`."""
+        from talr.callbacks.export import cast_copy
+
         model.save_pretrained(f"{path}/adapter")
         # never merge into the training model; a gathered copy (FSDP2) may be merged in place
         merged = self.merged_model() if model is self.model else model.merge_and_unload()
-        merged.save_pretrained(path)
+        cast_copy(merged, dtype, in_place=True).save_pretrained(path)
         self.tokenizer.save_pretrained(path)

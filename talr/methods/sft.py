@@ -157,20 +157,22 @@ class SFT(L.LightningModule):
     def after_gradient_normalized(self) -> None:
         """Hook: runs once per optimiser step after gradients hold d(Σ w ℓ / N)/dθ (L2 adds its term)."""
 
-    def export_hf(self, path) -> None:
-        """Write a Hugging Face directory (safetensors weights, config, tokenizer). Call it on every rank: under
-        FSDP2 the full weights are gathered into rank 0's CPU memory (`talr.distributed.unsharded_copy`), and
-        only rank 0 writes."""
+    def export_hf(self, path, dtype: torch.dtype | None = None) -> None:
+        """Write a Hugging Face directory (safetensors weights in `dtype`, default the training dtype; config;
+        tokenizer). Call it on every rank: under FSDP2 the full weights are gathered into rank 0's CPU memory
+        (`talr.distributed.unsharded_copy`), and only rank 0 writes."""
         from talr.distributed import unsharded_copy
 
         model = unsharded_copy(self.model)  # a collective when sharded; None on ranks other than 0
         if model is None or (self._trainer is not None and not self.trainer.is_global_zero):
             return
-        self.save_hf(model, path)
+        self.save_hf(model, path, dtype)
 
-    def save_hf(self, model, path) -> None:
-        """Hook: write `model` (unsharded) and the tokenizer to `path`."""
-        model.save_pretrained(path)
+    def save_hf(self, model, path, dtype: torch.dtype | None = None) -> None:
+        """Hook: write `model` (unsharded; the training model itself is never cast) and the tokenizer to `path`."""
+        from talr.callbacks.export import cast_copy
+
+        cast_copy(model, dtype, in_place=model is not self.model).save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
