@@ -177,7 +177,7 @@ class RecordingEval(GeneralEvalCallback):
     """Stands in for lm-eval (fixed numbers) and records, per rank, who evaluated and what was logged."""
 
     def __init__(self, out_dir):
-        super().__init__(tasks=["gsm8k"], every_n_epochs=None, every_n_steps=1)
+        super().__init__(tasks=["gsm8k"], every_n_epochs=None, every_n_steps=1, data_parallel=False)
         self.out_dir = out_dir
 
     def run_eval(self, model, tokenizer):

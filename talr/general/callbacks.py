@@ -6,7 +6,10 @@ and after training; logs `general/<task>/<metric>` and `general/score` to every 
 global step and puts them in `trainer.callback_metrics` (so `ModelCheckpoint(monitor="general/score")`
 works). The baseline is also kept as `pl_module.general_baseline` (a dict) for run summaries.
 
-Several processes: only global rank 0 evaluates; the others wait at a barrier and then receive the
+Several processes, `data_parallel: true` (default): every rank evaluates its share of each task's documents
+and lm-eval combines them exactly as one process would (`talr.general.sharded`; under FSDP2 each rank first gets
+a full replica of the model on its device: one model in the training dtype per GPU during the evaluation).
+`data_parallel: false`: only global rank 0 evaluates; the others wait at a barrier and then receive the
 numbers by broadcast, so every rank logs and monitors the same values. The other ranks wait in a
 collective for the whole evaluation, so the process-group timeout (Lightning default: 30 min) must exceed it, e.g.
 `DDPStrategy(timeout=datetime.timedelta(hours=3))` (or `ModelParallelStrategy(timeout=...)`) for full
@@ -30,6 +33,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from talr.chat import chat_format_of
 from talr.distributed import refuse_fsdp1, unsharded_copy
 from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
+from talr.general.sharded import replicated_copy
 from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,8 @@ class GeneralEvalCallback(Callback):
         batch_size: generation batch size.
         max_gen_toks: cap generated tokens per answer (None: each task's own); for quick checks only.
         seed: evaluation seeds (None: lm-eval's defaults); global RNG states are restored after.
+        data_parallel: with several processes, every rank evaluates its share of the documents (same results as
+            one process); false: rank 0 evaluates alone while the others wait.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class GeneralEvalCallback(Callback):
         batch_size: int = 8,
         max_gen_toks: int | None = None,
         seed: int | None = None,
+        data_parallel: bool = True,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
@@ -103,6 +110,7 @@ class GeneralEvalCallback(Callback):
         self.data_dir = str(Path(data_dir).expanduser()) if data_dir is not None else None
         self.allow_code_execution = allow_code_execution
         self.batch_size, self.max_gen_toks, self.seed = batch_size, max_gen_toks, seed
+        self.data_parallel = data_parallel
         self.chat_format = None  # the run's talr.chat.ChatFormat, resolved at each evaluation
         self.last_step: int | None = None  # global step of the last evaluation
         self.history: list[dict[str, Any]] = []  # {"step", "epoch", "when", "metrics"} per evaluation
@@ -141,30 +149,34 @@ class GeneralEvalCallback(Callback):
         self.history = list(state_dict.get("history", []))
 
     # -- evaluation ------------------------------------------------------------------------------
-    def run_eval(self, model, tokenizer) -> dict[str, Any]:
+    def run_eval(self, model, tokenizer, data_parallel: bool = False) -> dict[str, Any]:
         return evaluate_general(
             model, tokenizer, tasks=self.tasks, limit=self.limit, apply_chat_template=self.apply_chat_template,
             batch_size=self.batch_size, max_gen_toks=self.max_gen_toks, data_dir=self.data_dir,
             allow_code_execution=self.allow_code_execution, seed=self.seed, chat_format=self.chat_format,
+            **({"data_parallel": True} if data_parallel else {}),
         )
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, when: str) -> dict[str, float]:
-        """Evaluate on rank 0, share the numbers with every rank, log them at the current step."""
+        """Evaluate (every rank its share, or rank 0 alone), share the numbers with every rank, log them at the current
+        step."""
         payload: dict[str, Any] = {}
         error: Exception | None = None
         model, tokenizer = model_and_tokenizer(pl_module)
         self.chat_format = chat_format_of(pl_module, trainer)
-        copy = unsharded_copy(model)  # a collective under FSDP2; the model itself otherwise (None off rank 0)
-        if trainer.is_global_zero:
+        data_parallel = self.data_parallel and trainer.world_size > 1  # every rank its share (talr.general.sharded)
+        # a collective under FSDP2: the full model on every rank / on rank 0's CPU (None elsewhere); else the model
+        copy = replicated_copy(model) if data_parallel else unsharded_copy(model)
+        if trainer.is_global_zero or data_parallel:
             try:
                 if copy is not model:
                     copy = copy.to(pl_module.device)
-                result = self.run_eval(copy, tokenizer)
+                result = self.run_eval(copy, tokenizer, data_parallel=True) if data_parallel else self.run_eval(copy, tokenizer)
                 payload = {"metrics": {**flat_metrics(result), "general/eval_seconds": result["wall_time_s"]}}
             except Exception as err:  # other ranks must not hang at the barrier
                 error, payload = err, {"error": f"{type(err).__name__}: {err}"}
         del copy
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not data_parallel:  # data parallel: every rank holds the combined results
             trainer.strategy.barrier("talr_general_eval")
             payload = trainer.strategy.broadcast(payload, src=0)
         if error is not None:

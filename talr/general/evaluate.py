@@ -143,6 +143,7 @@ def evaluate_general(
     bootstrap_iters: int = 100000,
     log_samples: bool = False,
     chat_format: ChatFormat | None = None,
+    data_parallel: bool = False,
 ) -> dict[str, Any]:
     """Evaluate an in-memory causal LM on general benchmarks with lm-eval; see the module docstring.
 
@@ -164,6 +165,9 @@ def evaluate_general(
         chat_format: the run's chat format (talr.chat): its template kwargs render every prompt (Qwen3's
             `enable_thinking`), generation stops at its end-of-turn ids, and with thinking on the answer is
             the text after `</think>`. Default: the tokenizer's, without template kwargs.
+        data_parallel: under an initialized torch.distributed group, every rank calls this with the same
+            arguments and its own full model, evaluates its share of each task's documents, and returns the
+            combined results (`talr.general.sharded`); without one, a plain single-process evaluation.
 
     Returns:
         {"results": {task: {metric: value}}, "general/score": mean headline metric (None if none),
@@ -202,21 +206,30 @@ def evaluate_general(
         task_manager = make_task_manager(run_tasks, task_dir, data_dir, data_files)
         with preserved_state(model):
             lm = ChatFormatHFLM(pretrained=model, tokenizer=tokenizer, chat_format=chat_format, batch_size=batch_size)
-            raw = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=run_tasks,
-                limit=limit,
-                task_manager=task_manager,
-                apply_chat_template=use_chat,
-                fewshot_as_multiturn=use_chat,
-                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
-                confirm_run_unsafe_code=allow_code_execution,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=log_samples,
-                **seeds,
-            )
+            with contextlib.ExitStack() as stack:
+                if data_parallel:  # every rank its share of the documents (talr.general.sharded)
+                    from talr.general.sharded import data_parallel_evaluation
+
+                    stack.enter_context(data_parallel_evaluation(lm))
+                raw = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=run_tasks,
+                    limit=limit,
+                    task_manager=task_manager,
+                    apply_chat_template=use_chat,
+                    fewshot_as_multiturn=use_chat,
+                    gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None,
+                    confirm_run_unsafe_code=allow_code_execution,
+                    bootstrap_iters=bootstrap_iters,
+                    log_samples=log_samples,
+                    **seeds,
+                )
     finally:
         shutil.rmtree(task_dir, ignore_errors=True)
+    if data_parallel and lm.world_size > 1:  # rank 0 combined every rank's documents; share its results
+        from talr.general.sharded import broadcast_results
+
+        raw = broadcast_results(raw)
     if raw is None:  # lm-eval returns None off its rank 0; we never call it there
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     headline = headline_metrics(raw["results"])

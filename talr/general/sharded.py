@@ -1,0 +1,173 @@
+"""Data-parallel general evaluation: every rank evaluates its share of each task's documents.
+
+lm-eval already knows how: `Task.build_all_requests(rank, world_size)` gives rank r the documents r, r+W, r+2W, …
+of each task; the evaluator pads the shorter ranks with repeats of a request so that every rank runs the same
+number of generation batches (the padded answers are never scored), and `gather_object` brings every
+document's metric values (and logged samples) to rank 0, which aggregates them as one process would: the
+benchmark metrics are means of per-document values (0/1 for the paper's three), so the numbers are the same.
+Its in-memory `HFLM` only assumes one process (rank 0 of 1, collectives through `accelerate`);
+`data_parallel_lm` gives it the rank, the world size and collectives of an initialized `torch.distributed`
+process group (Lightning's under DDP/FSDP2, torchrun's for `talr evaluate`).
+
+One thing lm-eval does not split exactly: few-shot examples (GSM8K's 5 shots) are drawn per document from one
+random generator in document order, so a rank that builds only its own documents draws other examples than one
+process would (lm-eval's own "TODO: need to offset doc_id by rank"). Inside `data_parallel_evaluation` every rank
+builds the prompts of all documents, in order, and keeps its share: the prompts are exactly one process's.
+
+`broadcast_results` hands rank 0's combined results to every rank.
+
+FSDP2: generation needs the full weights on every rank. `replicated_copy` gathers them (a collective) into a
+plain model on each rank's own device. Memory per GPU while evaluating: one model in the training parameters'
+dtype (fp32 for the paper configs: 4 bytes per parameter, 12 GB for a 3B model) next to the shard, and up to
+two while the copy is built. The alternative, generating in lockstep with the sharded model, all-gathers every
+layer's weights for every generated token (a 3B model in bf16: 6 GB per token step) — far slower than
+generating from a local copy, so it is not used.
+
+A rank that fails mid-evaluation leaves the others waiting in the next collective until the process-group
+timeout (the paper configs: 3 h); the error is raised on the failing rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+__all__ = ["is_distributed", "data_parallel_evaluation", "data_parallel_lm", "broadcast_results", "replicated_copy"]
+
+
+def is_distributed(group=None) -> bool:
+    """True when a torch.distributed process group with more than one rank is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def data_parallel_lm(lm, group=None):
+    """Make an lm-eval `HFLM` (given an in-memory model) evaluate its rank's share of the documents of a
+    `torch.distributed` group; returns `lm`. Every rank of `group` must then call `lm_eval.simple_evaluate` with
+    the same arguments; rank 0 gets the combined results, the others None (see `broadcast_results`)."""
+    if not is_distributed(group):
+        return lm
+    lm._rank, lm._world_size = dist.get_rank(group), dist.get_world_size(group)
+
+    def all_gather(tensor: torch.Tensor) -> torch.Tensor:  # what accelerate's gather returns: ranks along dim 0
+        parts = [torch.empty_like(tensor) for _ in range(lm._world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(obj, dst: int = 0):
+        out = [None] * lm._world_size if lm._rank == dst else None
+        dist.gather_object(obj, out, dst=dst, group=group)
+        if out is None:
+            return None
+        # lm-eval concatenates the ranks' per-document lists; hand it one list in document order (and empty ones)
+        # so that its aggregation (means, standard errors) sums in one process's order: the same floats.
+        return [_in_document_order(out)] + [_emptied(o) for o in out[1:]]
+
+    lm.all_gather = all_gather
+    lm.gather_object = gather_object
+    lm.barrier = lambda: dist.barrier(group=group)
+    return lm
+
+
+@contextlib.contextmanager
+def data_parallel_evaluation(lm, group=None):
+    """Inside, `lm_eval.simple_evaluate(model=lm, ...)` on every rank of `group` evaluates each rank's share of the
+    documents with one process's prompts; rank 0 gets the combined results (then `broadcast_results`)."""
+    if not is_distributed(group):
+        yield lm
+        return
+    from lm_eval.api.task import Task
+
+    data_parallel_lm(lm, group)
+    build = Task.build_all_requests
+    mine: list = []  # this rank's requests
+
+    def build_share(self, *, rank: int = 0, world_size: int = 1, **kwargs):
+        build(self, rank=0, world_size=1, **kwargs)  # all documents, few-shot draws in one process's order
+        self._instances = [i for i in self._instances if i.doc_id % world_size == rank]  # lm-eval's own split
+        if not self._instances:
+            raise ValueError(f"{self.config.task}: no document for rank {rank} of {world_size}; lower the ranks "
+                             "or raise the limit")
+        mine.extend(self._instances)
+
+    def barrier_after_answers() -> None:
+        # lm-eval evens out the ranks by running copies of this rank's last request and appends their answers to
+        # that request; it calls the barrier right after. Drop the copies' answers before filters and logging.
+        for instance in mine:
+            del instance.resps[instance.repeats:]
+        dist.barrier(group=group)
+
+    lm.barrier = barrier_after_answers
+
+    Task.build_all_requests = build_share
+    try:
+        yield lm
+    finally:
+        Task.build_all_requests = build
+
+
+def _in_document_order(parts: list):
+    """Merge what each rank gathered ({task: {key: [per-document values]}} or {task: [logged samples]}) into one
+    process's order. Rank r holds documents r, r+W, r+2W, … in order (lm-eval's split); logged samples carry
+    their doc_id and come filter by filter."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _in_document_order([p[k] for p in parts]) for k in first}
+    if any(isinstance(x, dict) and "doc_id" in x for p in parts for x in p):
+        samples = [x for p in parts for x in p]
+        filters = {x.get("filter"): i for i, x in reversed(list(enumerate(samples)))}
+        return sorted(samples, key=lambda x: (filters[x.get("filter")], x["doc_id"]))
+    return [p[i] for i in range(max(map(len, parts))) for p in parts if i < len(p)]
+
+
+def _emptied(obj):
+    return {k: _emptied(v) for k, v in obj.items()} if isinstance(obj, dict) else []
+
+
+def broadcast_results(raw: dict[str, Any] | None, group=None) -> dict[str, Any]:
+    """Rank 0's `simple_evaluate` results on every rank."""
+    if is_distributed(group):
+        box = [raw if dist.get_rank(group) == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        raw = box[0]
+    if raw is None:
+        raise RuntimeError("lm_eval.simple_evaluate returned no results on rank 0")
+    return raw
+
+
+def replicated_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The full model on every rank, on that rank's device: a plain copy of an FSDP2-sharded model (a collective:
+    every rank must call it), or `model` itself when it is not sharded (DDP and single-process models are whole
+    on every rank already). peft adapters are re-attached with the same LoRA config."""
+    from talr.distributed import is_sharded
+
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # every rank, on device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))  # fully_shard subclasses it
+    device = next(iter(state.values())).device
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config is not None:
+        prefix = "base_model.model."
+        lora = {k: v for k, v in state.items() if "lora_" in k}
+        state = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    with torch.device(device):  # build directly on the device: no CPU copy of the model per rank
+        copy = cls.from_pretrained(None, config=base.config, state_dict=state, dtype=base.dtype)
+    del state
+    copy = copy.to(device)
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        copy = get_peft_model(copy, next(iter(peft_config.values())))
+        result = copy.load_state_dict(lora, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"adapter weights not found in the copy: {result.unexpected_keys[:3]}")
+    return copy.eval()
