@@ -40,11 +40,6 @@ WISEFT_WITH_SFT = ("qwen3", "label", "sft")  # its committed wiseft config is th
 
 def known_defect(family: str, fmt: str, method: str) -> str | None:
     """Why a case fails on today's code (xfail, strict: it flips to a failure when fixed), or None."""
-    if method == "flow":
-        return ("issue 12 defect 2: FLOW's initial-loss pass scores examples[rank::world] in batches of "
-                "flow_batch_size, so with 17 rows rank 0 runs 2 forwards and rank 1 one; under FSDP2 each forward is "
-                "a collective: rank 0 waits in an all-gather (talr/methods/flow.py _initial_sample_losses) until the "
-                "process-group timeout")
     if family == "gemma3" and method == "wiseft":
         return "talr/averaging.py loads --init with AutoModelForCausalLM (see test_gemma3_wiseft_averages_*)"
     return None
@@ -142,18 +137,17 @@ def check_wiseft(run: PaperRun) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 defect 8: the baseline validation runs the whole validation set on "
-                   "every rank (val/n = 10 for 5 rows) while later validations use Lightning's padded distributed "
-                   "sampler (val/n = 6: one row twice)")
 def test_every_validation_scores_each_row_once(tmp_path_factory):
+    """Issue 12 defect 8 (before 28e7994: val/n 10 at the baseline, every rank ran the whole set; 6 later, Lightning's
+    padded distributed sampler scored one row twice)."""
     summary = paper_run(tmp_path_factory, WISEFT_WITH_SFT).summary
     rows = summary["data"]["validation/kept"]
     assert (summary["baseline"]["val/n"], summary["final"]["val/n"]) == (rows, rows)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12 defect 8: tokens_seen in summary.json counts rank 0's batches only")
 def test_tokens_seen_counts_every_rank(tmp_path_factory):
+    """Issue 12 defect 8 (before 28e7994: tokens_seen 3850, rank 0's batches only, < 6972 = every row once)."""
     from talr.data.datamodule import DomainDataModule
     from talr.tasks.medcalc import MedCalc
 
