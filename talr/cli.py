@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None, *, friendly_errors: bool | None = None) 
 
 
 def _run_trainer(argv: list[str] | None) -> None:
+    logging.getLogger("talr.cli").info("starting: importing Lightning and reading the config (10-20 s on a CPU)")
     from talr.data.datamodule import DomainDataModule
     from talr.methods.sft import SFT
     from talr.trainer_cli import TalrCLI
