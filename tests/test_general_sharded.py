@@ -154,3 +154,33 @@ def test_callback_evaluates_on_every_rank_without_a_broadcast(tokenizer, tmp_pat
         assert (tmp_path / f"ran_rank{rank}").read_text() == "10" * 3
         logged = [json.loads(line) for line in (tmp_path / f"logged_rank{rank}").read_text().splitlines()]
         assert logged == [[0, 0.5], [1, 0.5], [2, 0.5]]
+
+
+@pytest.mark.slow
+def test_talr_evaluate_under_torchrun_matches_one_process(tmp_path, tiny_model_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require(SHARED_DATA / "gsm8k" / "test.jsonl")
+    root = Path(__file__).resolve().parents[1]
+    args = ["-m", "talr", "evaluate", "--model", str(tiny_model_dir), "--tasks", "gsm8k", "--limit", "3",
+            "--data-dir", str(SHARED_DATA), "--max-gen-toks", "8", "--batch-size", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {"one": [sys.executable, *args],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                    *args]}
+    out = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run([*cmd, "--output", str(tmp_path / f"{name}.json")], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert out["two"]["results"] == out["one"]["results"]
+    assert out["two"]["general/score"] == out["one"]["general/score"]
+    assert out["two"]["n_samples"]["gsm8k"]["effective"] == 3

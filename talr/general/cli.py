@@ -3,6 +3,7 @@
     python -m talr evaluate --model builtin:SmolLM2-135M-Instruct --tasks ifeval,gsm8k \\
         --limit 10 --data-dir ../shared/data --output results.json
     python -m talr evaluate --model runs/.../hf --chat-template-kwargs '{"enable_thinking": false}'  # Qwen3 runs
+    torchrun --nproc_per_node 8 -m talr evaluate --model runs/.../hf   # every GPU its share of the documents
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def json_object(text: str) -> dict:
     return value
 
 
+def torch_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -119,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     from talr.general.evaluate import evaluate_general
     from talr.modeling import load_model, load_tokenizer
 
-    device = resolve_device(args.device)
+    from talr.general.sharded import join_launcher_group
+
+    device, data_parallel = join_launcher_group(resolve_device(args.device))  # torchrun: every rank its share
     start = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     model = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code).to(device)
@@ -129,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, tasks=tasks, limit=limit, apply_chat_template=not args.no_chat_template,
         batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, data_dir=args.data_dir,
         allow_code_execution=args.allow_code_execution, seed=args.seed, chat_format=chat_format,
+        data_parallel=data_parallel,
     )
+    if data_parallel and torch_rank() != 0:
+        return 0  # rank 0 prints and writes the combined results
     result["settings"] = {
         "model": args.model, "tokenizer": args.tokenizer or args.model, "device": device, "dtype": args.dtype,
         "python": platform.python_version(), "platform": platform.platform(), **result["config"],

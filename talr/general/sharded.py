@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_distributed", "data_parallel_evaluation", "data_parallel_lm", "broadcast_results", "replicated_copy"]
+__all__ = ["is_distributed", "data_parallel_evaluation", "data_parallel_lm", "broadcast_results", "replicated_copy",
+           "join_launcher_group"]
 
 
 def is_distributed(group=None) -> bool:
@@ -171,3 +172,19 @@ def replicated_copy(model: torch.nn.Module) -> torch.nn.Module:
         if result.unexpected_keys:
             raise RuntimeError(f"adapter weights not found in the copy: {result.unexpected_keys[:3]}")
     return copy.eval()
+
+
+def join_launcher_group(device: str) -> tuple[str, bool]:
+    """Under a launcher that starts several processes (`torchrun --nproc_per_node N`, WORLD_SIZE > 1): join its
+    process group (NCCL on CUDA, gloo otherwise) and return this rank's device (cuda:LOCAL_RANK) and True;
+    otherwise (device, False). For `talr evaluate`: each rank then evaluates its share of the documents."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, True
