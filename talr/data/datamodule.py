@@ -3,100 +3,16 @@
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Iterator
 
 import lightning.pytorch as L
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from talr.data.encoding import Collator, OverlongPolicy, encode_rows
+from talr.data.samplers import EpochShuffleSampler, LengthGroupedSampler, ResumableLoader
 from talr.modeling import BUILTIN, load_tokenizer
 from talr.tasks.base import DataError, Task
 
 log = logging.getLogger(__name__)
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Shuffled order in which each run of `batch_size` indices has similar lengths (less padding).
-
-    Indices are shuffled, cut into mega-chunks of `batch_size * mega`, sorted by length inside each chunk,
-    and the resulting batches are shuffled. Deterministic for a given seed and epoch.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega: int = 32):
-        self.lengths, self.batch_size, self.seed, self.mega, self.epoch = lengths, batch_size, seed, mega, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        size = self.batch_size * self.mega
-        batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start: start + size], key=lambda i: -self.lengths[i])
-            batches += [chunk[j: j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        return iter([i for b in batches for i in b])
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader with Lightning's `state_dict`/`load_state_dict` protocol: a checkpoint records the epoch
-    and how many batches of it were consumed; after loading, the next pass replays that epoch's order and
-    skips them. Together with per-epoch seeded sampling this makes a mid-epoch resume see exactly the
-    remaining batches.
-
-    On resume Lightning loads this state and creates the iterator *before* it calls `set_epoch` for the
-    resumed epoch (and with workers the sampler is read when the iterator is created), so the sampler's epoch
-    is restored here from the checkpoint rather than trusted to be set already."""
-
-    def __init__(self, *args, position_fn=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._position_fn = position_fn  # () -> (epoch, batches consumed in that epoch)
-        self._skip_next = 0
-
-    def state_dict(self) -> dict:
-        epoch, consumed = self._position_fn() if self._position_fn else (0, 0)
-        return {"epoch": int(epoch), "consumed": int(consumed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        epoch, consumed = int(state.get("epoch", 0)), int(state.get("consumed", 0))
-        if consumed >= len(self):  # the epoch had finished: Lightning moves on and sets the next epoch itself
-            return
-        set_epoch = getattr(self.sampler, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-        self._skip_next = consumed
-
-    def __iter__(self):
-        iterator = super().__iter__()
-        skip, self._skip_next = self._skip_next, 0
-        for _ in range(skip):
-            next(iterator, None)
-        return iterator
 
 
 class DomainDataModule(L.LightningDataModule):
@@ -111,7 +27,8 @@ class DomainDataModule(L.LightningDataModule):
             never cut. Counts are logged and kept in `stats`.
         batch_size: training micro-batch size per device.
         eval_batch_size: validation/test batch size (generation is batched with left padding).
-        group_by_length: batch training examples of similar length together (less padding).
+        group_by_length: batch training examples of similar length together (less padding), also on several
+            ranks (`talr.data.samplers`).
         num_workers: DataLoader workers.
         seed: shuffling seed.
         trust_remote_code: allow code in the tokenizer repo (linked to the model's setting).
@@ -184,10 +101,14 @@ class DomainDataModule(L.LightningDataModule):
             raise DataError(self.task.source, f"split {split!r} is empty")
         pad_id = self.tokenizer.pad_token_id
         if train:
+            # sharded here (not by Lightning's wrapper, which reshuffles): same order logic on 1 or N ranks
+            shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+            shard = {"num_replicas": shard.get("num_replicas", 1), "rank": shard.get("rank", 0)}
             if self.group_by_length:
-                sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], self.batch_size, self.seed)
+                sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], self.batch_size, self.seed,
+                                               **shard)
             else:
-                sampler = EpochShuffleSampler(len(examples), self.seed)
+                sampler = EpochShuffleSampler(len(examples), self.seed, **shard)
             return ResumableLoader(examples, batch_size=self.batch_size, sampler=sampler, collate_fn=Collator(pad_id),
                                    num_workers=self.num_workers, position_fn=self._train_position)
         return DataLoader(examples, batch_size=self.eval_batch_size, shuffle=False,
