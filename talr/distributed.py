@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 MIXED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 __all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded", "full_state_dict", "unsharded_copy",
-           "refuse_fsdp1"]
+           "refuse_fsdp1", "eval_shards", "owned_rows"]
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -203,3 +203,34 @@ def refuse_fsdp1(trainer, what: str) -> None:
             "lightning.pytorch.strategies.ModelParallelStrategy (data_parallel_size: <GPUs>, tensor_parallel_size: 1) "
             "with model.init_args.fsdp_layer_classes, as configs/paper/base_*.yaml do."
         )
+
+
+# -- sharded evaluation --------------------------------------------------------------------------------------
+# Validation and test shards come from a non-shuffling `DistributedSampler` (Lightning's in its loops, the same in
+# `eval_shards` for the module's own passes): rank r gets indices r, r+W, r+2W, … and the shorter ranks are
+# padded with repeats of the first indices, so that every rank runs the same number of batches (under FSDP2
+# every forward and generation step is a collective). `owned_rows` marks the rows a rank scores (index ≡ r mod
+# W): each row counts exactly once, the padding repeats are computed and dropped.
+
+def _sampler_kwargs(trainer) -> dict | None:
+    return trainer.strategy.distributed_sampler_kwargs if trainer.world_size > 1 else None
+
+
+def eval_shards(loader, trainer):
+    """`loader` (a non-shuffling evaluation DataLoader) re-built on this rank's shard, as Lightning's loops do."""
+    kwargs = _sampler_kwargs(trainer)
+    if not kwargs:
+        return loader
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(loader.dataset, shuffle=False, drop_last=False, **kwargs)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, sampler=sampler)
+
+
+def owned_rows(index: torch.Tensor, trainer) -> torch.Tensor:
+    """(B,) bool: which rows of an evaluation batch (their dataset `index`) this rank scores."""
+    kwargs = _sampler_kwargs(trainer)
+    if not kwargs:
+        return torch.ones_like(index, dtype=torch.bool)
+    return index % kwargs["num_replicas"] == kwargs["rank"]

@@ -110,7 +110,7 @@ class CodeLengthDriftCallback(Callback):
 
     Args:
         prompts_file: JSON-lines file of {"prompt": ...}; None = the shipped 32 general prompts.
-        every_n_steps: measure every n optimizer steps (and once at train start: delta 0).
+        every_n_steps: measure every n optimizer steps (and once at train start: delta 0; and at train end).
         max_new_tokens: length cap of the base model's greedy answers.
         num_prompts: use only the first n prompts.
         batch_size: sequences per forward pass.
@@ -189,6 +189,13 @@ class CodeLengthDriftCallback(Callback):
             model, _ = model_and_tokenizer(pl_module)
             log_to_loggers(trainer, self.measure(model), step)
             self.last_step = step
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The final model's drift (for the run summary), unless it was just measured at this step."""
+        if self.base_nll is not None and trainer.global_step != self.last_step:
+            model, _ = model_and_tokenizer(pl_module)
+            log_to_loggers(trainer, self.measure(model), trainer.global_step)
+            self.last_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"prompt_ids": self.prompt_ids, "answer_ids": self.answer_ids, "base_nll": self.base_nll,

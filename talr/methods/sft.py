@@ -27,6 +27,7 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 
+from talr.callbacks.quiet_startup import compact_summary_for, quiet_third_party
 from talr.modeling import BUILTIN, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class SFT(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        quiet_third_party()  # Lightning's tips and the deprecation warnings its own code raises
         self.model = None
         self.tokenizer = None
         self.register_buffer("_window_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -122,6 +124,9 @@ class SFT(L.LightningModule):
                         reshard_after_forward=hp.fsdp_reshard_after_forward, mixed_precision=hp.fsdp_mixed_precision)
         if hp.compile:
             self.compile_layers()
+
+    def configure_callbacks(self) -> list:
+        return compact_summary_for(self.trainer)  # Lightning's summary table, less its always-0 FLOPs column
 
     def compile_layers(self) -> None:
         from talr.distributed import decoder_layers
@@ -322,15 +327,9 @@ class SFT(L.LightningModule):
                     [r for r, k in zip(batch["rows"], keep) if k])
 
     def _own_rows(self, batch: dict) -> torch.Tensor:
-        """(B,) bool: the rows this rank scores. Validation and test shards come from a non-shuffling
-        `DistributedSampler` (Lightning's, and the baseline's below): rank r gets indices r, r+W, r+2W, … and the
-        shorter ranks are padded with repeats of the first indices, so that every rank runs the same number of
-        batches (FSDP2 needs that). Scoring only index ≡ r (mod W) counts each row exactly once."""
-        index = batch["index"]
-        kwargs = self.trainer.strategy.distributed_sampler_kwargs if self.trainer.world_size > 1 else None
-        if not kwargs:
-            return torch.ones_like(index, dtype=torch.bool)
-        return index % kwargs["num_replicas"] == kwargs["rank"]
+        from talr.distributed import owned_rows
+
+        return owned_rows(batch["index"], self.trainer)
 
     def _eval_results(self, stage: str) -> dict[str, float]:
         nll = torch.tensor(self._eval_nll[stage], dtype=torch.float64, device=self.device)
@@ -376,21 +375,16 @@ class SFT(L.LightningModule):
 
     @torch.no_grad()
     def _validate_now(self, desc: str, step: int, also_as: str = "") -> dict[str, float]:
-        """The validation split outside Lightning's loop, on the shards that loop uses (see `_own_rows`); the
+        """The validation split outside Lightning's loop, on the shards that loop uses (`eval_shards`); the
         results are logged at `step` (and again under the prefix `also_as`) and returned."""
         from lightning.pytorch.utilities import move_data_to_device
         from tqdm.auto import tqdm
 
         was_training = self.model.training
         self.model.eval()
-        loader = self.trainer.datamodule.val_dataloader()
-        kwargs = self.trainer.strategy.distributed_sampler_kwargs if self.trainer.world_size > 1 else None
-        if kwargs:
-            from torch.utils.data import DataLoader, DistributedSampler
+        from talr.distributed import eval_shards
 
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
-                                num_workers=loader.num_workers,
-                                sampler=DistributedSampler(loader.dataset, shuffle=False, drop_last=False, **kwargs))
+        loader = eval_shards(self.trainer.datamodule.val_dataloader(), self.trainer)
         for batch in tqdm(loader, desc=desc, disable=not self.trainer.is_global_zero):
             self._eval_step(move_data_to_device(batch, self.device), "val")
         self.model.train(was_training)
