@@ -161,11 +161,11 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
 
 
-def model_fingerprint(name_or_path: str) -> str:
+def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     """What identifies the weights `load_model(name_or_path)` loads, for cache keys: local files (a directory's
     config and weight files, a GGUF file, the built-in model's converted copy) by name, size and modification
-    time; a hub id by the commit its default branch resolves to in the local hub cache (the id alone when the
-    cache does not have it, e.g. before the first download)."""
+    time; a hub id by the commit its `revision` (default: the default branch) resolves to in the local hub
+    cache (the id and revision alone when the cache does not have it, e.g. before the first download)."""
     path, extra = resolve(name_or_path)
     local = Path(path).expanduser()
     if local.exists():
@@ -178,5 +178,5 @@ def model_fingerprint(name_or_path: str) -> str:
         return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(path, "config.json")  # .../snapshots/<commit>/config.json when cached
-    return f"{path}@{Path(config).parent.name}" if isinstance(config, str) else f"{path}@unresolved"
+    config = try_to_load_from_cache(path, "config.json", revision=revision)  # .../snapshots/<commit>/config.json
+    return f"{path}@{Path(config).parent.name}" if isinstance(config, str) else f"{path}@{revision or 'main'}?"

@@ -140,3 +140,8 @@ def test_cache_key_changes_with_what_changes_the_weights(tmp_path, tiny_model_di
         (repo / "refs" / "main").write_text(commit)
         keys.append(module._cache_path(examples))
     assert len({unresolved, *keys}) == 3
+    from talr.modeling import model_fingerprint
+
+    (repo / "refs" / "v1").write_text("a" * 40)  # another revision: its own commit
+    assert model_fingerprint("org/model", "v1") == f"org/model@{'a' * 40}" != model_fingerprint("org/model")
+    assert model_fingerprint("org/model", "v2") == "org/model@v2?"  # not in the hub cache: id and revision

@@ -116,7 +116,7 @@ class FLOW(SFT):
         return {
             "version": 2,
             "pretrained": hp.pretrained,
-            "weights": model_fingerprint(hp.pretrained),
+            "weights": model_fingerprint(hp.pretrained, hp.get("revision")),  # `revision` if SFT gains one
             "dtype": hp.dtype,
             "precision": str(self.trainer.precision),
             "attn_implementation": hp.attn_implementation or getattr(config, "_attn_implementation", None),
