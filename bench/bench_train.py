@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default="passive",
                    help="OMP_WAIT_POLICY of the workers: OpenMP's spinning threads slow a shared, oversubscribed "
                    "CPU by up to 100x (passive); 'inherit' keeps the environment's")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: time steps in the worker's CPU "
+                   "seconds (CPU device, with --threads 1): what a step costs, whatever else runs on a shared machine")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one variant, print one JSON line
@@ -130,6 +132,8 @@ def examples(args, vocab: int) -> list[dict]:
 
 # --- the variants -----------------------------------------------------------------------------------
 
+_clock = time.perf_counter  # --clock cpu: time.process_time (set in the worker)
+
 def _sync(device: str) -> None:
     import torch
 
@@ -151,7 +155,7 @@ def run_plain(args, attn: str, compiled: bool = False) -> list[float]:
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     times, last = [], None
     _sync(args.device)
-    last = time.perf_counter()
+    last = _clock()
     for batch in DataLoader(data, batch_size=args.batch, collate_fn=Collator(0)):
         batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
         with autocast:
@@ -161,7 +165,7 @@ def run_plain(args, attn: str, compiled: bool = False) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(args.device)
-        now = time.perf_counter()
+        now = _clock()
         times.append(now - last)
         last = now
     return times
@@ -214,11 +218,11 @@ def run_lightning(args, variant: str) -> list[float]:
 
         def on_train_start(self, trainer, pl_module):
             _sync(args.device)
-            self.last = time.perf_counter()
+            self.last = _clock()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             _sync(args.device)
-            now = time.perf_counter()
+            now = _clock()
             self.times.append(now - self.last)
             self.last = now
 
@@ -240,6 +244,9 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        global _clock
+        _clock = time.process_time
     import lightning.pytorch  # noqa: F401  imported before the baseline: their memory is not the training's
     import transformers  # noqa: F401
 
@@ -368,7 +375,7 @@ def table(args, results: dict[str, list[dict]]) -> str:
         f"{args.arch if not args.config_from else cfg.model_type}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
         f"layers, vocab {cfg.vocab_size}; batch {args.batch} x seq {args.seq}; {args.device} {args.precision}; "
         f"{args.steps} timed steps after {args.warmup} warmup, median of {args.repeats} run(s); "
-        f"threads {args.threads or 'default'}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy.upper()}"
+        f"{args.clock} clock, threads {args.threads or 'default'}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-') if args.omp_wait_policy == 'inherit' else args.omp_wait_policy.upper()}"
         + (", talr layers compiled" if args.compile_layers else ""),
         "",
         f"| variant | attn | tokens/s (median step) | tokens/s (mean) | peak memory MiB | TFLOP/s | MFU | "
