@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from multiprocess import PG_TIMEOUT, spawn
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"), pytest.mark.slow]
 
 
 class RecordComputeDtype(L.Callback):

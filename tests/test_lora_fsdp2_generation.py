@@ -64,11 +64,18 @@ def fit_lora(model_dir: str, probe: str, devices: int, sharded: bool) -> None:
     trainer.fit(model, dm)
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_model_dir):
+    path = tmp_path_factory.mktemp("plain-lora") / "plain.pt"
+    spawn(fit_lora, str(tiny_model_dir), str(path), 1, False, nprocs=1, timeout=600)
+    return torch.load(path)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2])
-def test_lora_generates_under_fsdp2_like_unsharded(tmp_path, tiny_model_dir, devices):
+def test_lora_generates_under_fsdp2_like_unsharded(tmp_path, tiny_model_dir, plain, devices):
     spawn(fit_lora, str(tiny_model_dir), str(tmp_path / "fsdp.pt"), devices, True, nprocs=devices, timeout=600)
-    spawn(fit_lora, str(tiny_model_dir), str(tmp_path / "plain.pt"), 1, False, nprocs=1, timeout=600)
-    fsdp, plain = torch.load(tmp_path / "fsdp.pt"), torch.load(tmp_path / "plain.pt")
+    fsdp = torch.load(tmp_path / "fsdp.pt")
     assert fsdp["sharded"] and not plain["sharded"]
     for when in ("start", "end"):
         assert torch.equal(fsdp[when]["tokens"], plain[when]["tokens"]), when

@@ -47,7 +47,8 @@ def fit_with_file_callbacks(model_dir: str, root: str, strategy_name: str, metho
     trainer.fit(model, dm)
 
 
-@pytest.mark.parametrize("strategy,method", [("fsdp2", "sft"), ("ddp", "sft"), ("fsdp2", "lora")])
+# (LoRA under FSDP2, whose first generation crashed, is tests/test_lora_fsdp2_generation.py)
+@pytest.mark.parametrize("strategy,method", [("fsdp2", "sft"), ("ddp", "sft")])
 def test_two_process_fit_finishes_and_writes_its_files(tmp_path, tiny_model_dir, strategy, method):
     spawn(fit_with_file_callbacks, str(tiny_model_dir), str(tmp_path), strategy, method, timeout=900)
     run = tmp_path / "csv" / "version_0"

@@ -28,6 +28,23 @@ def test_lightnings_pytree_deprecation_is_silenced_at_its_source():
     assert not leafspec_warnings(quiet=True)
 
 
+def test_peft_deprecation_is_silenced(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def deprecations(quiet: bool) -> list:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if quiet:
+                quiet_third_party()
+            get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))  # what LoRA.prepare_model does
+        return [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+    assert deprecations(quiet=False)
+    assert not deprecations(quiet=True)
+
+
 def test_fit_output_has_no_tips_warnings_or_flops(tmp_path, tiny_model_dir):
     config = fit_config(tmp_path, tiny_model_dir, "synthetic",
                         trainer={"max_steps": 1, "enable_model_summary": True, "limit_val_batches": 0},

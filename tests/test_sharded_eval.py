@@ -65,6 +65,7 @@ def fit_and_validate(model_dir: str, probe: str, devices: int) -> None:
     trainer.fit(model, dm)
 
 
+@pytest.mark.slow
 def test_two_ranks_score_an_odd_validation_set_like_one(tmp_path, tiny_model_dir):
     spawn(fit_and_validate, str(tiny_model_dir), str(tmp_path / "two.pt"), 2, timeout=900)
     spawn(fit_and_validate, str(tiny_model_dir), str(tmp_path / "one.pt"), 1, nprocs=1, timeout=600)

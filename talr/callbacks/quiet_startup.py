@@ -1,7 +1,7 @@
 """What Lightning prints when a run starts, without the noise: a one-line model summary (Lightning's table has
 a FLOPs column that is always 0 here, as no `example_input_array` exists), no advertising tips ("💡 Tip:
 … litlogger / litmodels") or notice that this summary replaced Lightning's, and no deprecation warnings that
-Lightning's own code triggers in torch.
+Lightning's or peft's own code triggers in torch or transformers.
 
 `quiet_third_party()` is idempotent and narrow: it drops only those messages. `SFT` calls it on creation and
 returns `CompactModelSummary` from `configure_callbacks` in place of Lightning's default summary (a summary
@@ -43,6 +43,8 @@ def quiet_third_party() -> None:
             logger.addFilter(_TIPS)
     # torch 2.13 deprecates what lightning/pytorch/utilities/_pytree.py (Lightning 2.6) calls on every batch
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # transformers 5 deprecates what peft 0.21's PeftModel.__init__ reads (every LoRA model, and its FSDP2 copy)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class CompactModelSummary(_DEFAULT_SUMMARY):
