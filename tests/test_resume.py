@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(tmp_path: Path, model_dir: Path, method: str = "talr.methods.SFT", extra_callbacks=(), *, rows: int = 8,
-           max_steps: int = 6, every: int = 2, accumulate: int = 1) -> Path:
+           max_steps: int = 6, every: int = 2, accumulate: int = 1, workers: int = 0) -> Path:
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": every, "save_last": True, "save_top_k": -1}},
@@ -33,7 +33,7 @@ def config(tmp_path: Path, model_dir: Path, method: str = "talr.methods.SFT", ex
                       trainer={"max_steps": max_steps, "enable_checkpointing": True, "limit_val_batches": 0,
                                "accumulate_grad_batches": accumulate, "callbacks": callbacks},
                       method_args={"baseline_eval": False, "lr": 1e-3, "warmup_ratio": 0.2},
-                      data={"batch_size": 2, "max_length": 512},
+                      data={"batch_size": 2, "max_length": 512, "num_workers": workers},
                       task={"max_examples": {"train": rows, "validation": 4, "test": 4}})
     return path
 
@@ -134,15 +134,19 @@ def dropout_model_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
-# (train rows, accumulate, checkpoint every n steps, killed at step, max steps, dropout). Batch 2 throughout.
+# (train rows, accumulate, checkpoint every n steps, killed at step, max steps, dropout, DataLoader workers).
+# Batch 2 throughout.
 LATER_EPOCH = {
     # 4 batches/epoch: epoch 2 = steps 8-11; checkpoint at step 9, killed after 2 batches of epoch 2
-    "even": (8, 1, 3, 10, 12, False),
+    "even": (8, 1, 3, 10, 12, False, 0),
     # 5 micro-batches/epoch (the last of 1 row), windows of 2, 2, 1: epoch 2 = steps 6-8; checkpoint at step 7
     # (2 batches into epoch 2), killed 4 batches into it
-    "uneven-accumulate2": (9, 2, 7, 8, 9, False),
+    "uneven-accumulate2": (9, 2, 7, 8, 9, False, 0),
     # as "even", with attention dropout: the resumed run must also draw the same dropout masks
-    "dropout": (8, 1, 3, 10, 12, True),
+    "dropout": (8, 1, 3, 10, 12, True, 0),
+    # checkpoint at the end of epoch 1 (step 8), killed in epoch 2; a worker process reads the sampler as soon
+    # as the iterator exists, which Lightning creates before it sets the resumed run's epoch
+    "epoch-end-workers": (8, 1, 4, 10, 12, False, 1),
 }
 
 
@@ -151,9 +155,10 @@ LATER_EPOCH = {
 def test_hard_kill_in_a_later_epoch_then_resume_in_a_fresh_process(tmp_path, tiny_model_dir, dropout_model_dir, case):
     """The resumed process restores the epoch's order from the checkpoint (Lightning creates the iterator
     before it calls `set_epoch`) and each rank's RNG state; three separate processes, compared bit for bit."""
-    rows, accumulate, every, kill, steps, dropout = LATER_EPOCH[case]
+    rows, accumulate, every, kill, steps, dropout, workers = LATER_EPOCH[case]
     model_dir = dropout_model_dir if dropout else tiny_model_dir
-    make = lambda path: config(path, model_dir, rows=rows, accumulate=accumulate, every=every, max_steps=steps)  # noqa: E731
+    make = lambda path: config(path, model_dir, rows=rows, accumulate=accumulate, every=every, max_steps=steps,  # noqa: E731
+                               workers=workers)
     ref = tmp_path / "reference"
     ref.mkdir()
     proc = run_cli("--config", make(ref))
@@ -166,7 +171,10 @@ def test_hard_kill_in_a_later_epoch_then_resume_in_a_fresh_process(tmp_path, tin
     assert proc.returncode == 137, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert ckpt["epoch"] == 2 and position["epoch"] == 2 and 0 < position["consumed"] < -(-rows // 2), position
+    if every == 4:  # at the end of epoch 1
+        assert position == {"epoch": 1, "consumed": 4}, position
+    else:
+        assert ckpt["epoch"] == 2 and position["epoch"] == 2 and 0 < position["consumed"] < -(-rows // 2), position
     resumed = run_cli("--config", make(tmp_path), "--ckpt_path", tmp_path / "ckpt" / "last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(tmp_path, (weights(ref), losses_by_step(ref)), steps=steps)

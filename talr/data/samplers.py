@@ -86,9 +86,10 @@ class ResumableLoader(DataLoader):
     skips them. Together with per-epoch seeded sampling this makes a mid-epoch resume see exactly the
     remaining batches.
 
-    On resume Lightning loads this state and creates the iterator *before* it calls `set_epoch` for the
-    resumed epoch (and with workers the sampler is read when the iterator is created), so the sampler's epoch
-    is restored here from the checkpoint rather than trusted to be set already."""
+    On resume Lightning loads this state and calls `iter()` *before* it calls `set_epoch` for the resumed
+    epoch, and a DataLoader with workers reads its sampler as soon as the iterator exists. So the sampler's
+    epoch is restored here from the checkpoint, and the real iterator is only created at the first batch,
+    after Lightning has set the epoch (which matters when the checkpoint ended an epoch)."""
 
     def __init__(self, *args, position_fn=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -109,8 +110,22 @@ class ResumableLoader(DataLoader):
         self._skip_next = consumed
 
     def __iter__(self):
-        iterator = super().__iter__()
         skip, self._skip_next = self._skip_next, 0
-        for _ in range(skip):
-            next(iterator, None)
-        return iterator
+        return _DeferredIterator(super().__iter__, skip)
+
+
+class _DeferredIterator:
+    """Makes the DataLoader iterator (which fixes the epoch's order) at the first `next`, then skips `skip`."""
+
+    def __init__(self, make, skip: int):
+        self._make, self._skip, self._iterator = make, skip, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._make()
+            for _ in range(self._skip):
+                next(self._iterator, None)
+        return next(self._iterator)
