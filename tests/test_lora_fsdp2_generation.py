@@ -15,7 +15,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import PG_TIMEOUT, spawn
+from gloo_spawn import PG_TIMEOUT, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 PROMPTS = torch.tensor([[1, 5, 9, 200, 17, 3, 44, 8], [2, 7, 300, 11, 19, 23, 5, 6]])

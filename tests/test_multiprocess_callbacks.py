@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch.distributed as dist
-from multiprocess import PG_TIMEOUT, spawn
+from gloo_spawn import PG_TIMEOUT, spawn
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"), pytest.mark.slow]
 

@@ -14,7 +14,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import PG_TIMEOUT, spawn
+from gloo_spawn import PG_TIMEOUT, spawn
 
 from talr.methods import SFT
 

@@ -11,7 +11,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import PG_TIMEOUT, spawn
+from gloo_spawn import PG_TIMEOUT, spawn
 
 from talr.data.datamodule import DomainDataModule
 from talr.methods import SFT

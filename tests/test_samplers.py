@@ -9,7 +9,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import PG_TIMEOUT, spawn
+from gloo_spawn import PG_TIMEOUT, spawn
 from torch.utils.data.distributed import DistributedSampler
 
 from talr.data.datamodule import DomainDataModule
