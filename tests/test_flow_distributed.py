@@ -57,6 +57,7 @@ def probes(root, devices: int) -> list[dict]:
     return [torch.load(f"{root}/probe-{devices}.{r}", weights_only=True) for r in range(devices)]
 
 
+@pytest.mark.slow  # 2 processes
 def test_uneven_split_does_not_hang_and_matches_one_process(tmp_path, tiny_model_dir):
     fit_flow(str(tiny_model_dir), str(tmp_path), 1, None)
     (single,) = probes(tmp_path, 1)
@@ -69,6 +70,7 @@ def test_uneven_split_does_not_hang_and_matches_one_process(tmp_path, tiny_model
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
 
 
+@pytest.mark.slow  # 2 processes
 def test_rank_zero_decides_the_cache_for_every_rank(tmp_path, tiny_model_dir):
     """Only rank 0's node has the cache file: rank 1 must not start computing (a collective) on its own."""
     node0, node1 = tmp_path / "node0", tmp_path / "node1"

@@ -105,6 +105,7 @@ def padding_share(records) -> float:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.slow  # 2 processes
 def test_two_ranks_keep_length_grouping_and_see_every_row(tmp_path, tiny_model_dir):
     one = datamodule(str(tiny_model_dir), True)
     one.setup("fit")
