@@ -8,14 +8,17 @@ exits 0 in time and leaves summary.json (baseline -> final domain numbers, gener
 drift), an exported HF directory that transformers loads as the family's text model with trained weights,
 and a distributed checkpoint.
 
-Coverage of the default suite (each run is ~30-60 s of 2 busy cores, mostly process start-up): every method on
+Coverage of the default suite: every method on
 Qwen3 (label: sft, talr, flow, l2, lora; the sft run is also WiSE-FT's step 1, whose committed config is the
 same run, and `talr average` is run on it), Gemma-3 on sft and lora (the multimodal checkpoint trained as its
 language model, with and without peft), Qwen2.5 on lora (label) and talr (CoT: long targets; the 7B's untied
 output layer), SmolLM2 on sft (the CoT base config + method overlay; not a paper model). The sft and lora pair
 covers what differs per architecture (FSDP2 units, export layout, peft targets); the method-specific code is
-architecture-independent and runs on Qwen3. TALR_ALL_PAPER_FAMILIES=1 runs the whole family x format x
-method matrix (35 runs). The Qwen3 sft run keeps the committed WandbLogger (offline); the others log to CSV.
+architecture-independent and runs on Qwen3. Each run costs ~30 s of CPU (process tree; mostly start-up: torchrun,
+two workers importing torch/lightning/transformers/lm-eval): ~300 CPU-seconds for the 10 default runs (10 min
+wall measured on a shared, loaded 2-core machine; it is less on idle cores).
+TALR_ALL_PAPER_FAMILIES=1 runs the whole family x format x method matrix (42 runs). The Qwen3 sft run keeps the
+committed WandbLogger (offline); the others log to CSV in the same directory.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from conftest import MEDCALC_CSV, SHARED_DATA, require
 from fixtures.families import make_family_tokenizer as family_tokenizer
 from fixtures.family_models import TRAINED_CLASS, save_family_model
-from fixtures.paper_runs import BATCH, CONFIG_FOLDER, WORLD, PaperRun, expected_optimizer_steps, launch, \
+from fixtures.paper_runs import BATCH, CONFIG_FOLDER, ROWS, WORLD, PaperRun, expected_optimizer_steps, launch, \
     run_paper_config, tail
 
 METHODS = ("sft", "talr", "flow", "l2", "lora", "wiseft")
@@ -67,7 +70,8 @@ def paper_run(tmp_path_factory, case: tuple) -> PaperRun:
     require(SHARED_DATA / "ifeval")
     if case not in _RUNS:
         try:
-            _RUNS[case] = run_paper_config(tmp_path_factory.mktemp("-".join(case)), *case, wandb=case == WISEFT_WITH_SFT)
+            tmp = tmp_path_factory.mktemp("-".join(case))
+            _RUNS[case] = run_paper_config(tmp, *case, wandb=case == WISEFT_WITH_SFT)
         except BaseException as err:  # noqa: BLE001 - re-raised for every test of this case
             _RUNS[case] = err
     if isinstance(_RUNS[case], BaseException):
@@ -120,6 +124,8 @@ def check_wiseft(run: PaperRun) -> None:
 
     from fixtures.paper_runs import committed_configs
 
+    from talr.modeling import load_model
+
     sft, wiseft = (committed_configs(run.family, run.fmt, m)[-1] for m in ("sft", "wiseft"))
     body = lambda path: [line for line in path.read_text().splitlines() if not line.startswith("#")]  # noqa: E731
     assert body(sft) == body(wiseft), "WiSE-FT's step 1 is the SFT run"
@@ -131,7 +137,7 @@ def check_wiseft(run: PaperRun) -> None:
     assert rc == 0, tail(log)
     averaged = AutoModelForCausalLM.from_pretrained(out / "alpha_0.50").state_dict()
     ft = AutoModelForCausalLM.from_pretrained(run.run_dir / "hf").state_dict()
-    init = AutoModelForCausalLM.from_pretrained(run.model_dir).state_dict()
+    init = load_model(str(run.model_dir)).state_dict()  # gemma3: the language model of the multimodal checkpoint
     for key, value in averaged.items():
         torch.testing.assert_close(value, (init[key] + ft[key]) / 2, rtol=0, atol=1e-6)
 
@@ -153,7 +159,7 @@ def test_tokens_seen_counts_every_rank(tmp_path_factory):
 
     run = paper_run(tmp_path_factory, WISEFT_WITH_SFT)
     data = run.config["data"]
-    task = MedCalc(**{**data["task"]["init_args"], "source": str(MEDCALC_CSV), "max_examples": {"train": 17, "validation": 5, "test": 0}})
+    task = MedCalc(**{**data["task"]["init_args"], "source": str(MEDCALC_CSV), "max_examples": ROWS})
     dm = DomainDataModule(task, tokenizer=str(run.model_dir), max_length=512, overlong=data["overlong"],
                           chat_template_kwargs=data.get("chat_template_kwargs"))
     dm.setup("fit")
@@ -212,9 +218,10 @@ def test_gemma3_loads_its_language_model_only(tmp_path):
         load_model(str(broken))
 
 
-@pytest.mark.xfail(strict=True, reason="talr/averaging.py (average_models) loads --init with AutoModelForCausalLM, which "
-                   "gives the multimodal Gemma3ForConditionalGeneration, while talr trains and exports the text model: "
-                   "'state dicts have different keys'. Load both models with talr.modeling.load_model.")
+@pytest.mark.xfail(strict=True, reason="talr/averaging.py (average_models) loads --init with "
+                   "AutoModelForCausalLM, which gives the multimodal Gemma3ForConditionalGeneration, while talr "
+                   "trains and exports the text model: 'state dicts have different keys'. Load both models with "
+                   "talr.modeling.load_model.")
 def test_gemma3_wiseft_averages_the_language_model(tmp_path):
     """WiSE-FT for gemma-3-4b-it (`talr average --init google/gemma-3-4b-it --finetuned <run>/hf`): the initial
     model is the multimodal checkpoint, the fine-tuned one talr's text-only export."""
