@@ -140,6 +140,7 @@ class RecordingDataParallel(GeneralEvalCallback):
         return metrics
 
 
+@pytest.mark.slow
 def test_callback_evaluates_on_every_rank_without_a_broadcast(tokenizer, tmp_path):
     import lightning.pytorch as L
     from test_general_eval import TinyLM
