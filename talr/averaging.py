@@ -105,14 +105,14 @@ def average_models(
     if not alphas:
         raise ValueError("no alpha given")
     torch_dtype = _resolve_dtype(dtype)
-    from transformers import AutoModelForCausalLM
+    from talr.modeling import DTYPES, load_model, resolve
 
-    from talr.modeling import resolve  # hub id, local dir, .gguf file or the built-in model
-
+    # talr's own loader for both, so the initial model is the class talr trained (e.g. Gemma-3's language
+    # model, not the multimodal checkpoint class)
+    dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
     log.info("loading %s and %s (%s)", init, finetuned, torch_dtype)
-    (ft_path, ft_extra), (init_path, init_extra) = resolve(str(finetuned)), resolve(str(init))
-    model_ft = AutoModelForCausalLM.from_pretrained(ft_path, dtype=torch_dtype, **ft_extra)
-    model_init = AutoModelForCausalLM.from_pretrained(init_path, dtype=torch_dtype, **init_extra)
+    model_ft = load_model(str(finetuned), dtype_name)
+    model_init = load_model(str(init), dtype_name)
     sd_ft, sd_init = model_ft.state_dict(), model_init.state_dict()
     tokenizer = _load_tokenizer(resolve(str(finetuned), tokenizer_only=True)[0])
 

@@ -43,8 +43,6 @@ WISEFT_WITH_SFT = ("qwen3", "label", "sft")  # its committed wiseft config is th
 
 def known_defect(family: str, fmt: str, method: str) -> str | None:
     """Why a case fails on today's code (xfail, strict: it flips to a failure when fixed), or None."""
-    if family == "gemma3" and method == "wiseft":
-        return "talr/averaging.py loads --init with AutoModelForCausalLM (see test_gemma3_wiseft_averages_*)"
     return None
 
 
@@ -218,10 +216,6 @@ def test_gemma3_loads_its_language_model_only(tmp_path):
         load_model(str(broken))
 
 
-@pytest.mark.xfail(strict=True, reason="talr/averaging.py (average_models) loads --init with "
-                   "AutoModelForCausalLM, which gives the multimodal Gemma3ForConditionalGeneration, while talr "
-                   "trains and exports the text model: 'state dicts have different keys'. Load both models with "
-                   "talr.modeling.load_model.")
 def test_gemma3_wiseft_averages_the_language_model(tmp_path):
     """WiSE-FT for gemma-3-4b-it (`talr average --init google/gemma-3-4b-it --finetuned <run>/hf`): the initial
     model is the multimodal checkpoint, the fine-tuned one talr's text-only export."""
