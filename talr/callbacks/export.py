@@ -35,13 +35,11 @@ class ExportHF(L.Callback):
         self.dirpath = dirpath
         self.dtype = dtype
         self.path: Path | None = None
-        self.log_dir: str | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from talr.distributed import refuse_fsdp1
 
         refuse_fsdp1(trainer, "ExportHF")
-        self.log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast: every rank, here
 
     def export_dtype(self, pl_module: L.LightningModule) -> torch.dtype | None:
         if self.dtype != "auto":
@@ -52,7 +50,8 @@ class ExportHF(L.Callback):
         return DTYPES.get(name) if name else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.path = Path(self.dirpath or Path(self.log_dir or trainer.default_root_dir) / "hf")
+        root = trainer.log_dir or trainer.default_root_dir  # a broadcast: this hook runs on every rank
+        self.path = Path(self.dirpath or Path(root) / "hf")
         dtype = self.export_dtype(pl_module)
         pl_module.export_hf(self.path, dtype=dtype)  # every rank: under FSDP2 the weights are gathered first
         if trainer.is_global_zero:
