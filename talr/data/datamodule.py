@@ -32,7 +32,9 @@ class DomainDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: shuffling seed.
         trust_remote_code: allow code in the tokenizer repo (linked to the model's setting).
-        chat_template_kwargs: extra variables for the chat template, e.g. `{enable_thinking: false}` for Qwen3.
+        chat_template_kwargs: extra variables for the chat template, e.g. `{enable_thinking: false}` for Qwen3. The run's
+            one chat setting: with the tokenizer and the model's generation config it makes `self.chat_format`
+            (talr.chat), which domain generation, drift and the general eval use too.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class DomainDataModule(L.LightningDataModule):
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.chat_format = None  # talr.chat.ChatFormat, built in setup: the one chat format of the run
         self.tokenizer = None
         self.examples: dict[str, list[dict]] = {}
         self.stats: dict[str, int] = {}
@@ -70,12 +73,16 @@ class DomainDataModule(L.LightningDataModule):
         if self.examples:
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
+        from talr.chat import ChatFormat, load_generation_config
+
+        self.chat_format = ChatFormat.from_tokenizer(self.tokenizer, self.chat_template_kwargs,
+                                                     load_generation_config(self.tokenizer_name))
         splits = self.task.load_splits()
         rank_zero = getattr(self.trainer, "is_global_zero", True) if self.trainer is not None else True
         for split, rows in splits.items():
             examples, counts = encode_rows(
                 self.task, rows, self.tokenizer, self.max_length, self.overlong, split=split, progress=rank_zero,
-                template_kwargs=self.chat_template_kwargs,
+                chat_format=self.chat_format,
             )
             for i, e in enumerate(examples):
                 e["index"] = i
