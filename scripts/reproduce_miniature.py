@@ -138,7 +138,8 @@ class Miniature:
             extra = [] if method == "sft" else ["--config", str(ROOT / "configs" / "methods" / f"{method}.yaml")]
             extra += ["--model.init_args.pretrained", self.model, "--model.init_args.lr", str(lr)]
             if method == "sft" and lr == self.lrs[-1]:  # WiSE-FT averages this run with the base model
-                extra += ["--trainer.callbacks+=talr.callbacks.ExportHF"]
+                # fp32 export: a bf16 copy would round away small updates before averaging
+                extra += ['--trainer.callbacks+={"class_path": "talr.callbacks.ExportHF", "init_args": {"dtype": "float32"}}']
             self.talr(out, *self.lightning("fit", name, *extra))
         return step
 

@@ -95,6 +95,7 @@ def _fakes(tmp_path):
 def test_token_share_counts(tmp_path):
     trainer, module, logged = _fakes(tmp_path)
     cb = HardTokenShare(threshold=0.2)
+    cb.setup(trainer, module, "fit")  # Lightning calls setup first: the run directory is resolved there
     cb.on_train_epoch_start(trainer, module)
     p = torch.tensor([[0.9, 0.1, 0.5, 0.01], [0.3, 0.19, 0.99, 0.5]])
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])

@@ -30,10 +30,10 @@ PROBE_IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 44, 8]])
 class ProbeEval(GeneralEvalCallback):
     """Records what the evaluated model computes (logits on fixed ids) before the real lm-eval run."""
 
-    def run_eval(self, model, tokenizer):
+    def run_eval(self, model, tokenizer, **kwargs):
         with torch.no_grad():
             self.probe = {"logits": model(input_ids=PROBE_IDS.to(model.device)).logits.cpu(), "sharded": is_sharded(model)}
-        return super().run_eval(model, tokenizer)
+        return super().run_eval(model, tokenizer, **kwargs)
 
 
 class SGD:
