@@ -191,7 +191,7 @@ def write_markdown(rows: list[dict], verdict: dict, results: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     (results / "verdict.json").write_text(json.dumps(verdict, indent=2) + "\n")
-    text = ["# Miniature v2: verdict against the pre-registered criteria (DESIGN.md)", ""]
+    text = ["# Miniature v2: verdict against the pre-registered criteria (DESIGN.md, this folder)", ""]
     if "F1" in verdict:
         text.append(f"**F1: {verdict['F1']['overall']}.**")
         for m, v in verdict["F1"].items():
