@@ -165,6 +165,11 @@ class GeneralEvalCallback(Callback):
         model, tokenizer = model_and_tokenizer(pl_module)
         self.chat_format = chat_format_of(pl_module, trainer)
         data_parallel = self.data_parallel and trainer.world_size > 1  # every rank its share (talr.general.sharded)
+        if data_parallel and self.limit is not None and self.limit < trainer.world_size:
+            # fewer documents than ranks: some rank would have none to evaluate; rank 0 evaluates them all
+            if when == "start" and trainer.is_global_zero:
+                log.info("general eval: limit %d < %d ranks, evaluated on rank 0", self.limit, trainer.world_size)
+            data_parallel = False
         # a collective under FSDP2: the full model on every rank / on rank 0's CPU (None elsewhere); else the model
         copy = replicated_copy(model) if data_parallel else unsharded_copy(model)
         if trainer.is_global_zero or data_parallel:
