@@ -267,3 +267,13 @@ def test_evaluate_writes_beside_the_run_by_default(tmp_path, monkeypatch):
     assert default_output(str(run / "hf")) == run / "general.json"
     assert default_output("builtin:SmolLM2-135M-Instruct") == Path("runs/evaluate/builtin_SmolLM2-135M-Instruct/general.json")
     assert default_output("Qwen/Qwen2.5-3B-Instruct") == Path("runs/evaluate/Qwen2.5-3B-Instruct/general.json")
+
+
+def test_humaneval_column_reads_the_chat_task_and_truncated_sft_has_a_method():
+    from talr.report.runs import CLASS_METHOD
+    from talr.report.tables import scores
+
+    chat = scores({"metrics": {"general/humaneval_instruct/pass@1": 0.25}, "baseline": {}})
+    completion = scores({"metrics": {"general/humaneval/pass@1": 0.5}, "baseline": {}})
+    assert (chat["humaneval"], completion["humaneval"]) == (0.25, 0.5)
+    assert CLASS_METHOD["TruncatedSFT"] == "truncated"

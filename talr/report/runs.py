@@ -24,7 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger("talr.report")
 
-CLASS_METHOD = {"SFT": "sft", "L2Init": "l2", "LoRA": "lora", "FLOW": "flow", "TALR": "talr", "DFT": "dft"}
+CLASS_METHOD = {"SFT": "sft", "L2Init": "l2", "LoRA": "lora", "FLOW": "flow", "TALR": "talr", "DFT": "dft",
+                "TruncatedSFT": "truncated"}
 TASK_DOMAIN = {"MedCalc": "medcalc", "ESCI": "esci"}
 RUN_DIR = re.compile(r"^(?P<method>[a-z0-9_]+?)_lr(?P<lr>\d[\d.]*e-?\d+)$")
 ALPHA_DIR = re.compile(r"^alpha_(?P<alpha>\d[\d.]*)$")

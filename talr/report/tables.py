@@ -44,6 +44,8 @@ def scores(run: dict) -> dict:
     base_metric = next((k for k in candidates if base.get(k) is not None), None)
     return {"domain_score": m.get(metric) if metric else None, "domain_metric": metric,
             "general_score": m.get("general/score"), **{name: m.get(key) for name, key in GENERAL.items()},
+            # chat models run HumanEval as lm-eval's humaneval_instruct (talr.general.evaluate)
+            "humaneval": m.get("general/humaneval_instruct/pass@1", m.get(GENERAL["humaneval"])),
             "drift": m.get(DRIFT), "baseline_domain": base.get(base_metric) if base_metric else None,
             "baseline_general": base.get("general/score")}
 
