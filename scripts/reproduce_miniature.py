@@ -54,6 +54,18 @@ def callback_args(config: dict, name: str) -> dict:
     raise KeyError(f"the miniature config has no {name} callback")
 
 
+def copy_results(src: Path, dest: Path, names) -> None:
+    """Copy a finished step's result files that exist; `analysis.json` loses its data-quoting hardest tokens."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for fname in names:
+        if (src / fname).exists():
+            shutil.copy2(src / fname, dest / fname)
+    if (dest / "analysis.json").exists():  # its hardest tokens quote the data set: not committed
+        analysis = json.loads((dest / "analysis.json").read_text())
+        analysis.pop("hardest_tokens", None)
+        (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+
+
 class Miniature:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -186,14 +198,7 @@ class Miniature:
             if not (self.runs / name / ".done").exists():
                 continue
             dest = results / self.result_dir(name)
-            dest.mkdir(parents=True, exist_ok=True)
-            for fname in COPIED:
-                if (self.runs / name / fname).exists():
-                    shutil.copy2(self.runs / name / fname, dest / fname)
-            if (dest / "analysis.json").exists():  # its hardest tokens quote the data set: not committed
-                analysis = json.loads((dest / "analysis.json").read_text())
-                analysis.pop("hardest_tokens", None)
-                (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+            copy_results(self.runs / name, dest, COPIED)
             wall = float((self.runs / name / ".done").read_text())
             index.append({"step": name, "dir": self.result_dir(name), "wall_time_s": wall})
         (results / "steps.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from reproduce_miniature import Miniature, merge  # noqa: E402  (the v1 driver's resumable step machinery)
+from reproduce_miniature import Miniature, copy_results, merge  # noqa: E402  (the v1 driver's resumable step machinery)
 
 from talr.report import fmt_lr  # noqa: E402
 
@@ -107,15 +107,7 @@ class MiniatureV2(Miniature):
             if not done.exists():
                 continue
             if name != "data":
-                dest = results / name
-                dest.mkdir(parents=True, exist_ok=True)
-                for fname in COPIED:
-                    if (self.runs / name / fname).exists():
-                        shutil.copy2(self.runs / name / fname, dest / fname)
-                if (dest / "analysis.json").exists():  # its hardest tokens quote the data set: not committed
-                    analysis = json.loads((dest / "analysis.json").read_text())
-                    analysis.pop("hardest_tokens", None)
-                    (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+                copy_results(self.runs / name, results / name, COPIED)
             else:
                 shutil.copy2(self.runs / name / "selection.json", results / "selection.json")
             index.append({"step": name, "dir": name, "wall_time_s": float(done.read_text())})
