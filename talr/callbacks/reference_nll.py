@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 
-from talr.general.callbacks import log_to_loggers, model_and_tokenizer
+from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
 from talr.general.drift import CodeLengthDriftCallback, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -84,5 +84,5 @@ class ReferenceTextNLL(CodeLengthDriftCallback):
         model, tokenizer = model_and_tokenizer(pl_module)
         base = self.setup_reference(model, tokenizer)
         self.last_step = trainer.global_step
-        log_to_loggers(trainer, {f"drift/{self.name}_nll": base, f"drift/{self.name}_nll_delta": 0.0},
+        publish_metrics(trainer, {f"drift/{self.name}_nll": base, f"drift/{self.name}_nll_delta": 0.0},
                        trainer.global_step)
