@@ -9,11 +9,11 @@ and monkeypatches `talr.methods.SFT` before the run:
   plain        the plain PyTorch loop (reference)
   sft          talr's SFT as it is
   no_log       SFT with `self.log`/`self.log_dict` as no-ops (7 calls per step)
-  no_rescale   SFT without the gradient rescale and the finiteness pass (the window counters still reset)
-  no_check     SFT without the finiteness pass only
+  no_rescale   SFT without the gradient rescale and the finiteness check (the window counters still reset)
+  no_check     SFT with the rescale alone (no finiteness check)
   bare         all of the above off
-  fused_check  proposal: rescale and finiteness in one pass (torch._amp_foreach_non_finite_check_and_unscale_,
-               GradScaler's kernel) instead of _foreach_mul_ + _foreach_norm
+  separate_check  the earlier way: _foreach_mul_ then a _foreach_norm finiteness pass, instead of talr's one fused
+               pass (torch._amp_foreach_non_finite_check_and_unscale_, GradScaler's kernel)
   sparse_logs  proposal: the 3 per-batch throughput/lr logs of on_train_batch_end only on logging steps
 
 Timing arms that switch the normalisation off are for measurement only: they train a different objective.
@@ -36,43 +36,33 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-ARMS = ["plain", "sft", "no_log", "no_rescale", "no_check", "bare", "fused_check", "sparse_logs"]
+ARMS = ["plain", "sft", "no_log", "no_rescale", "no_check", "bare", "separate_check", "sparse_logs"]
 
 
 def patch(arm: str) -> None:
+    import talr.methods.exact_step as exact_step
     from talr.methods.sft import SFT
 
     if arm in ("no_log", "bare"):
         SFT.log = lambda self, *a, **k: None
         SFT.log_dict = lambda self, *a, **k: None
     if arm in ("no_rescale", "bare"):
-        def finish(self):
-            for window in (getattr(self, n) for n in dir(self) if n.startswith("_window_")):
-                if hasattr(window, "zero_"):
-                    window.zero_()
-        SFT._finish_gradient = finish
-    if arm == "no_check":
-        SFT._all_finite = lambda self, grads: True
-    if arm == "fused_check":
-        import torch
+        SFT.finish_gradient = lambda self: self.step_window.close(self.trainer)  # the window counters still reset
+    if arm == "no_check":  # the rescale alone
+        def rescale_only(grads, scale, trainer):
+            import torch
 
-        finish, found = SFT._finish_gradient, {}
+            torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], scale)
+            return True
+        exact_step.rescale_and_check = rescale_only
+    if arm == "separate_check":  # before the fused pass: _foreach_mul_ then a _foreach_norm finiteness pass
+        def separate(grads, scale, trainer):
+            import torch
 
-        def fused_mul(tensors, scale):  # scale and flag non-finite values in one read of each gradient
-            local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-            flag = torch.zeros(1, device=local[0].device)
-            torch._amp_foreach_non_finite_check_and_unscale_(local, flag, torch.full((1,), float(scale), device=flag.device))
-            found["bad"] = flag
-
-        def finish_fused(self):
-            real, torch._foreach_mul_ = torch._foreach_mul_, fused_mul
-            try:
-                finish(self)
-            finally:
-                torch._foreach_mul_ = real
-
-        SFT._finish_gradient = finish_fused
-        SFT._all_finite = lambda self, grads: not bool(found.pop("bad", torch.zeros(1)))  # one process here
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            torch._foreach_mul_(local, scale)
+            return bool(torch.isfinite(torch.stack(torch._foreach_norm(local)).float().sum()))
+        exact_step.rescale_and_check = separate
     if arm == "sparse_logs":
         batch_end = SFT.on_train_batch_end
 

@@ -156,7 +156,7 @@ def build(base: dict, method_cfg: dict, domain: str, fmt: str, model: str, metho
     run = run_dir(domain, fmt, model, method, lr)
     name = "-".join([domain, fmt, model, "sft" if method == "wiseft" else method, f"lr{lr}"])
     trainer = cfg["trainer"]
-    cfg["model"]["init_args"]["fsdp_layer_classes"] = [layer.rsplit(".", 1)[-1] for layer in layers]
+    cfg["model"]["init_args"]["decoder_layer_classes"] = [layer.rsplit(".", 1)[-1] for layer in layers]
     trainer["default_root_dir"] = run
     logger = trainer["logger"]["init_args"]
     logger.update(name=name, group=f"{domain}-{fmt}", save_dir=run,

@@ -145,7 +145,11 @@ def load_generation_config(name_or_path: str | None):
 def chat_format_of(pl_module, trainer=None) -> ChatFormat:
     """The run's chat format: the DataModule's (configured by `data.chat_template_kwargs`), with the model's
     generation-config stop ids; without a DataModule, the tokenizer's defaults (no template kwargs)."""
-    trainer = trainer if trainer is not None else getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        try:
+            trainer = pl_module.trainer  # Lightning raises when the module is not attached to a Trainer
+        except (AttributeError, RuntimeError):
+            trainer = None
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     fmt = getattr(datamodule, "chat_format", None)
     if fmt is None:

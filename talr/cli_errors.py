@@ -14,6 +14,8 @@ from pathlib import Path
 
 PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)'")
+# Config keys that were renamed: an old key fails with a message naming the new one.
+RENAMED_KEYS = {"fsdp_layer_classes": "decoder_layer_classes"}
 LEAVES = [
     ("unknown", re.compile(r"Option '([^']+)' is not accepted")),
     ("type", re.compile(r"Expected a (.+?)\. Got value: (.*)")),
@@ -56,6 +58,12 @@ def _module_names(module: str) -> list[str]:
 
 
 def closest(word: str, candidates: list[str]) -> str | None:
+    """The closest candidate to `word` (difflib), or the new name of a renamed key when that is a candidate."""
+    last = word.rsplit(".", 1)[-1]
+    if last in RENAMED_KEYS:
+        renamed = word[: len(word) - len(last)] + RENAMED_KEYS[last]
+        if renamed in candidates or not candidates:
+            return renamed
     hits = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return hits[0] if hits else None
 
@@ -138,6 +146,15 @@ def _unknown_part(key: str, keys: list[str], argv: list[str]) -> tuple[str, str 
     return key, None
 
 
+def _suggest(key: str, guess: str | None) -> str:
+    """`; did you mean <guess>?`, or for a renamed key `; it was renamed to <new key>`."""
+    if not guess:
+        return ""
+    if key.rsplit(".", 1)[-1] in RENAMED_KEYS:
+        return f"; it was renamed to {guess}"
+    return f"; did you mean {guess}?"
+
+
 def _where(key: str, argv: list[str]) -> str:
     flags = {f"--{key}", f"--{key.replace('.init_args.', '.')}"}
     if any(a.split("=", 1)[0] in flags for a in argv):  # a flag wins over the config files
@@ -156,7 +173,7 @@ def _leaf_message(kind: str, match: re.Match, path: list[str], class_path: str |
             name = name.split(".")[0]
         key = f"{prefix}.{name}" if prefix else name
         guess = closest(name, valid)
-        hint = f"; did you mean {prefix}.{guess}?" if guess else (
+        hint = _suggest(name, f"{prefix}.{guess}") if guess else (
             f"; {class_path.rsplit('.', 1)[-1]} accepts: {', '.join(valid)}" if valid else "")
         return f"unknown key {key}{_where(key, argv)}{hint}"
     if kind == "type":
@@ -172,14 +189,14 @@ def _leaf_message(kind: str, match: re.Match, path: list[str], class_path: str |
         return f"file not found: {match.group(1).strip()}" + (f" (for {prefix})" if prefix and prefix != "config" else "")
     if kind == "not_accepted":
         key, guess = _unknown_part(match.group(1), keys, argv)
-        return f"unknown key {key}{_where(key, argv)}" + (f"; did you mean {guess}?" if guess else "")
+        return f"unknown key {key}{_where(key, argv)}" + _suggest(key, guess)
     # unrecognized command-line arguments: each `--key`, with its closest valid key
     flags = [a for a in match.group(1).split() if a.startswith("--")]
     parts = []
     for flag in flags or match.group(1).split()[:1]:
         key = flag.lstrip("-").split("=", 1)[0]
         guess = closest(key, keys)
-        parts.append(f"unknown option --{key}" + (f"; did you mean --{guess}?" if guess else ""))
+        parts.append(f"unknown option --{key}" + _suggest(key, f"--{guess}" if guess else None))
     return "; ".join(parts)
 
 

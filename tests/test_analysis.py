@@ -14,7 +14,7 @@ from helpers import fit_config
 
 from talr.analysis import advice, summarize
 from talr.callbacks.token_share import HardTokenShare
-from talr.methods.sft import SFT
+from talr.token_stats import TokenLosses
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,10 @@ def test_token_share_counts(tmp_path):
     cb.on_train_epoch_start(trainer, module)
     p = torch.tensor([[0.9, 0.1, 0.5, 0.01], [0.3, 0.19, 0.99, 0.5]])
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
-    module._last_token_stats = (-p.log(), mask)  # above 0.2 among supervised: 0.9, 0.5, 0.3 of 5
+    module.last_train_tokens = TokenLosses(-p.log(), mask)  # above 0.2 among supervised: 0.9, 0.5, 0.3 of 5
     cb.on_train_batch_end(trainer, module, None, None, 0)
-    assert module._last_token_stats is None
-    module._last_token_stats = (torch.tensor(2), torch.tensor(5))  # already counted by the module
+    cb.on_train_batch_end(trainer, module, None, None, 0)  # the same micro-batch's object: counted once
+    module.last_train_tokens = (torch.tensor(2), torch.tensor(5))  # already counted by the module
     cb.on_train_batch_end(trainer, module, None, None, 1)
     cb.on_train_epoch_end(trainer, module)
     assert logged == [({"train/token_share_p_gt_0.2": pytest.approx(0.5)}, 3)]
@@ -119,21 +119,10 @@ def test_token_share_without_stats_logs_nothing(tmp_path):
     assert logged == [] and not (tmp_path / "token_share.json").exists()
 
 
-class SFTWithTokenStats(SFT):
-    """SFT plus the one line proposed for SFT.training_step (see talr.callbacks.token_share)."""
-
-    def token_losses(self, batch):
-        losses, mask = super().token_losses(batch)
-        if self.training:
-            self._last_token_stats = (losses.detach(), mask)
-        return losses, mask
-
-
 def test_token_share_in_a_fit(tmp_path, tiny_dir):
     from talr.cli import main
 
-    cfg = fit_config(tmp_path, tiny_dir, "synthetic", method="test_analysis.SFTWithTokenStats",
-                     method_args={"baseline_eval": False, "generate_in_eval": False},
+    cfg = fit_config(tmp_path, tiny_dir, "synthetic", method_args={"baseline_eval": False, "generate_in_eval": False},
                      task={"max_examples": {"train": 4, "validation": 2, "test": 2}},
                      data={"max_length": 384, "batch_size": 2},
                      trainer={"max_steps": -1, "max_epochs": 2, "limit_val_batches": 0,

@@ -86,6 +86,21 @@ def test_unknown_key_in_a_config_file_names_the_file(tmp_path, capsys):
             "did you mean data.task.init_args.max_examples?") in err
 
 
+@pytest.mark.parametrize("where", ["file", "flag"])
+def test_renamed_key_names_the_new_one(where, tmp_path, capsys):
+    """`fsdp_layer_classes` became `decoder_layer_classes` (it also chooses what `compile` compiles)."""
+    overlay = tmp_path / "old.yaml"
+    overlay.write_text(yaml.safe_dump({"model": {"init_args": {"fsdp_layer_classes": ["LlamaDecoderLayer"]}}}))
+    args = ["--config", str(overlay)] if where == "file" else ["--model.init_args.fsdp_layer_classes", "[A]"]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", QUICKSTART, *args])
+    err = capsys.readouterr().err
+    source = f"set in {overlay}" if where == "file" else "given on the command line"
+    assert info.value.code == 2
+    assert (f"unknown key model.init_args.fsdp_layer_classes ({source}); "
+            "it was renamed to model.init_args.decoder_layer_classes") in err
+
+
 # -- data errors: one message, no traceback, no empty run directory ----------------------------------
 @pytest.fixture
 def bad_csv(tmp_path) -> Path:

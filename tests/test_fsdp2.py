@@ -181,7 +181,6 @@ def test_sharded_equals_unsharded(tmp_path, tiny_model_dir, case, chunk):
     assert any(float(g.abs().max()) > 0 for g in single["grads"].values())  # so the weights moved by LR·grad
 
 
-@pytest.mark.skipif(not hasattr(SFT, "_all_finite"), reason="needs the rank-consistent SFT._all_finite")
 def test_nonfinite_gradient_in_one_shard_skips_the_step_on_every_rank(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

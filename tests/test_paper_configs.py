@@ -109,7 +109,7 @@ def test_values_follow_the_grid():
         assert cfg["trainer"]["max_epochs"] == 20 and cfg["trainer"]["devices"] == 8
         assert cfg["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
         assert cfg["trainer"]["strategy"]["init_args"]["data_parallel_size"] == 8
-        assert init["fsdp_layer_classes"] == [path.rsplit(".", 1)[-1] for path in gen.MODELS[model][1]]
+        assert init["decoder_layer_classes"] == [path.rsplit(".", 1)[-1] for path in gen.MODELS[model][1]]
         assert cfg["model"]["class_path"] == body(gen.METHOD_CONFIGS / gen.METHODS[method][0])["model"]["class_path"]
         callbacks = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
         assert {"talr.callbacks.RunSummary", "talr.callbacks.ExportHF", "talr.general.GeneralEvalCallback"} <= set(callbacks)
@@ -130,7 +130,7 @@ def test_sample_and_bases_parse(parser):
         assert cfg.data.tokenizer == raw["model"]["init_args"]["pretrained"]  # linked by the CLI
         assert cfg.data.task.init_args.format == raw["data"]["task"]["init_args"]["format"]
         assert cfg.trainer.strategy.init_args.timeout.total_seconds() == 3 * 3600  # parsed to a timedelta
-        assert cfg.model.init_args.fsdp_layer_classes == raw["model"]["init_args"]["fsdp_layer_classes"]
+        assert cfg.model.init_args.decoder_layer_classes == raw["model"]["init_args"]["decoder_layer_classes"]
 
 
 def test_print_config_through_the_cli():
@@ -186,7 +186,7 @@ def test_all_configs_structurally_valid():
                      *cfg["trainer"]["callbacks"]):
             _check_class(node, f"{path.parent.name}/{where}")
         model = path.parent.name
-        for layer, name in zip(gen.MODELS[model][1], cfg["model"]["init_args"]["fsdp_layer_classes"], strict=True):
+        for layer, name in zip(gen.MODELS[model][1], cfg["model"]["init_args"]["decoder_layer_classes"], strict=True):
             assert isinstance(_import(layer), type) and layer.rsplit(".", 1)[-1] == name  # a real transformers class
 
 

@@ -1,8 +1,8 @@
 """Held-out NLL of the answer span alone (`val/answer_nll`), beside the whole target's `val/nll`.
 
 A CoT target is an explanation followed by `"answer": "<value>"`; its mean token NLL is dominated by the
-explanation. This callback reads the per-token losses the validation step already computed (the module leaves
-them in `pl_module._last_eval_token_stats`, like `_last_token_stats` in training), keeps the tokens that spell
+explanation. This callback reads the per-token losses the validation step already computed (the module's public
+`last_eval_tokens`, a `talr.token_stats.TokenLosses`, like `last_train_tokens` in training), keeps the tokens that spell
 the value of the last `"answer": "` in the decoded target, and logs their mean NLL once per validation epoch
 (summed over every batch and rank, then divided). No extra forward pass.
 """
@@ -45,20 +45,20 @@ class AnswerSpanNLL(Callback):
         self._spans: dict[tuple[str, int], list[bool]] = {}
         self._sums = torch.zeros(2, dtype=torch.float64)
         self._warned = False
+        self._counted = None
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._sums = torch.zeros(2, dtype=torch.float64)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        stats = getattr(pl_module, "_last_eval_token_stats", None)
-        if stats is None:
-            if not self._warned:
-                log.warning("AnswerSpanNLL: %s sets no `_last_eval_token_stats`; nothing is logged",
-                            type(pl_module).__name__)
+        stats = getattr(pl_module, "last_eval_tokens", None)
+        if stats is None or stats is self._counted:
+            if stats is None and not self._warned:
+                log.warning("AnswerSpanNLL: %s sets no `last_eval_tokens`; nothing is logged", type(pl_module).__name__)
                 self._warned = True
             return
+        self._counted = stats  # each batch once
         losses, mask = (t.detach().cpu() for t in stats)
-        pl_module._last_eval_token_stats = None
         ids = batch["input_ids"].cpu()
         for b in range(losses.shape[0]):
             positions = mask[b].nonzero().flatten()

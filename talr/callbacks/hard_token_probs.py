@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import move_data_to_device
 
+from talr.callbacks.metrics import publish_metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -86,9 +88,7 @@ class HardTokenProbs(Callback):
         entry = {"step": trainer.global_step, "epoch": trainer.current_epoch, "p": p,
                  "mean_p": sum(p) / len(p) if p else float("nan")}
         self.history.append(entry)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"hard_tokens/mean_p": entry["mean_p"]}, step=trainer.global_step)
+        publish_metrics(trainer, {"hard_tokens/mean_p": entry["mean_p"]}, trainer.global_step)
         self._write(trainer)
         return entry
 

@@ -14,12 +14,14 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 
-def publish_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write `metrics` to every logger at `step` (global rank 0 only) and into `trainer.callback_metrics`."""
+def publish_metrics(trainer: Trainer, metrics: dict[str, float], step: int, expose: bool = True) -> None:
+    """Write `metrics` to every logger at `step` (global rank 0 only) and, unless `expose` is False (a baseline
+    must not pose as the latest value of `val/*`), into `trainer.callback_metrics`."""
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+    if expose:
+            trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
 
 
 def model_and_tokenizer(pl_module: LightningModule):

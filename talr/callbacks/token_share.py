@@ -1,17 +1,15 @@
 """Share of supervised training tokens the model already predicts well, per epoch (the paper's Figure 3c).
 
-The share is computed from the training step's own per-token losses, so it costs nothing extra: the module
-leaves them in `pl_module._last_token_stats` and this callback reads that attribute after every micro-batch.
-Required in `SFT.training_step`, right after `token_losses, mask = self.token_losses(batch)`:
+The share is computed from the training step's own per-token losses, so it costs nothing extra: the module's
+public `last_train_tokens` (`talr.token_stats.TokenLosses`: per-token NLL and the supervised mask, set by
+`SFT.training_step` for every micro-batch) is read after every micro-batch; p_i > t  <=>  ℓ_i < −log t. A pair
+of scalars `(n_tokens_with_p_above_threshold, n_tokens)` is accepted too; it must then have been counted at this
+callback's threshold. Each micro-batch's object is counted once. Counts stay on the device and are all-reduced
+once per epoch (every micro-batch, every rank). A module without the attribute makes the callback warn once and
+log nothing.
 
-    self._last_token_stats = (token_losses.detach(), mask)   # read by talr.callbacks.HardTokenShare
-
-(a pair of (B, T) tensors: per-token NLL and the supervised mask; p_i > t  <=>  ℓ_i < −log t). A pair of
-scalars `(n_tokens_with_p_above_threshold, n_tokens)` is accepted too; it must then have been counted at this
-callback's threshold. Counts stay on the device and are all-reduced once per epoch (every micro-batch, every
-rank). A module without the attribute makes the callback warn once and log nothing.
-
-Logged per epoch (to every logger, at the current global step, and into `trainer.callback_metrics`):
+Logged per epoch (`talr.callbacks.metrics.publish_metrics`: every logger at the current global step, and
+`trainer.callback_metrics`):
 `train/token_share_p_gt_<threshold>`; the history is also written to `<log_dir>/token_share.json`,
 which `notebooks/figure3_tokens.ipynb` reads.
 """
@@ -25,6 +23,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+
+from talr.callbacks.metrics import publish_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class HardTokenShare(Callback):
         self._above: torch.Tensor | None = None
         self._total: torch.Tensor | None = None
         self._warned = False
+        self._counted = None  # the last `last_train_tokens` object counted
         self.log_dir: Path | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -66,20 +67,20 @@ class HardTokenShare(Callback):
         self._above = self._total = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats = getattr(pl_module, "_last_token_stats", None)
-        if stats is None:
-            if not self._warned:
-                log.warning("HardTokenShare: %s sets no `_last_token_stats`; nothing is logged (see the "
+        stats = getattr(pl_module, "last_train_tokens", None)
+        if stats is None or stats is self._counted:
+            if stats is None and not self._warned:
+                log.warning("HardTokenShare: %s sets no `last_train_tokens`; nothing is logged (see the "
                             "talr.callbacks.token_share docstring)", type(pl_module).__name__)
                 self._warned = True
             return
+        self._counted = stats
         above, total = self._counts(stats)
         if self._above is None:
             self._above, self._total = above.clone(), total.clone()
         else:
             self._above += above.to(self._above.device)
             self._total += total.to(self._total.device)
-        pl_module._last_token_stats = None  # count each micro-batch once
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._above is None:
@@ -91,11 +92,9 @@ class HardTokenShare(Callback):
         share = above / total if total else float("nan")
         entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, "share": share, "n_tokens": int(total)}
         self.history.append(entry)
+        publish_metrics(trainer, {self.metric: share}, trainer.global_step)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({self.metric: share}, step=trainer.global_step)
             self._write(trainer)
-        trainer.callback_metrics[self.metric] = torch.tensor(share)
         log.info("epoch %d: %.1f%% of %d supervised tokens have p > %g", entry["epoch"], 100 * share,
                  entry["n_tokens"], self.threshold)
 

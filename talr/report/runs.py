@@ -36,7 +36,8 @@ KEY = ("domain", "format", "model", "method", "lr", "alpha")
 SEED_FIELDS = ("seed", "data.seed", "model.init_seed")
 # Settings that do not change what is learnt or measured (implementation, memory, logging): not in the setup.
 NOT_SETUP = {"pretrained", "lr", "trust_remote_code", "attn_implementation", "gradient_checkpointing", "compile",
-             "generate_in_eval", "baseline_eval", "nonfinite", "loss_chunk_size", "fsdp_layer_classes",
+             "generate_in_eval", "baseline_eval", "nonfinite", "loss_chunk_size", "decoder_layer_classes",
+             "fsdp_layer_classes",  # the old name of decoder_layer_classes, in runs written before the rename
              "fsdp_reshard_after_forward", "_class_path", "_instantiator"}
 TRAINER_SETUP = ("max_steps", "max_epochs", "accumulate_grad_batches", "precision", "gradient_clip_val",
                  "limit_train_batches", "overfit_batches")
