@@ -96,11 +96,11 @@ class PL2Moved(PL2):
 class PNaN(ShardedProbe, SFT):
     """A non-finite gradient in rank 1's shard only."""
 
-    def after_gradient_normalized(self):
-        super().after_gradient_normalized()
+    def finish_gradient(self):  # the NaN enters before the step's (fused) rescale and finiteness check
         if self.trainer.global_rank == 1:
             grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
             (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
+        super().finish_gradient()
 
     def on_train_end(self):
         self.result["skipped"] = self.skipped_steps

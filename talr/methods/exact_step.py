@@ -10,7 +10,9 @@ micro-batch more than one of a long micro-batch (the "gradient accumulation bug"
 The rescale and the finiteness check are one fused pass over the gradients
 (`torch._amp_foreach_non_finite_check_and_unscale_`, the kernel AMP's GradScaler uses: multiply every element by
 the scale and raise a flag on any inf/nan), then the flag is all-reduced: FSDP2 ranks hold different shards, and
-every rank must reach the same verdict so that all stop, or all skip the step, together.
+every rank must reach the same verdict so that all stop, or all skip the step, together. The verdict covers the
+loss's gradient; a method's added term (`after_gradient_normalized`, e.g. L2's λ(θ − θ0)) runs after the check
+and is finite whenever the weights are (a non-finite weight makes the next loss non-finite, which is caught).
 """
 
 from __future__ import annotations
