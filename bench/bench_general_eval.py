@@ -5,7 +5,9 @@
 Each arm runs in fresh processes: `single` calls `evaluate_general` in one process; `data_parallel` starts 2 gloo
 processes that each load the model and call `evaluate_general(..., data_parallel=True)` (talr.general.sharded).
 Wall time is measured inside `evaluate_general` from after a barrier to the end (model loading excluded), so the
-ratio is what the evaluation itself costs. The results of both arms are compared document by document.
+ratio is what the evaluation itself costs. Per task: the seconds `evaluate_general` reports for it
+(`task_wall_time_s`: loading, prompts, generation, scoring; rank 0's share with 2 processes). The results of both
+arms are compared document by document.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def worker(args) -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     generations = {t: [[s["doc_id"], s["filter"], s["resps"]] for s in rows] for t, rows in result["samples"].items()}
     print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": cpu, "score": result["general/score"],
-                                  "results": result["results"], "generations": generations}), flush=True)
+                                  "task_s": result["task_wall_time_s"], "results": result["results"],
+                                  "generations": generations}), flush=True)
     if parallel:
         dist.destroy_process_group()
 
@@ -90,7 +93,8 @@ def run_arm(args, arm: str, tmp: Path) -> dict:
             raise SystemExit(f"{arm} failed:\n{err[-4000:]}")
         results.append(json.loads(line[-1][7:]))
     return {"wall_s": max(r["wall_s"] for r in results), "cpu_s": [r["cpu_s"] for r in results],
-            "score": results[0]["score"], "results": results[0]["results"], "generations": results[0]["generations"],
+            "score": results[0]["score"], "task_s": results[0]["task_s"], "results": results[0]["results"],
+            "generations": results[0]["generations"],
             "ranks_agree": all(r["results"] == results[0]["results"] for r in results)}
 
 
@@ -114,10 +118,14 @@ def main(argv=None) -> None:
     w2 = statistics.median(r["wall_s"] for r in runs["data_parallel"])
     print(f"{args.model}; tasks {args.tasks}, {args.limit} documents each, max_gen_toks {args.max_gen_toks}, batch "
           f"{args.batch_size}, {args.threads} thread(s) per process; median of {args.repeats}\n")
-    print("| processes | wall s | CPU s per process | general/score |\n|---|---|---|---|")
+    tasks = list(single["task_s"])
+    print(f"| processes | wall s | {' | '.join(f'{t} s' for t in tasks)} | CPU s per process | general/score |")
+    print("|---" * (len(tasks) + 4) + "|")
     for name, runs_ in (("1", runs["single"]), ("2 (data parallel)", runs["data_parallel"])):
         cpu = ", ".join(f"{statistics.median(r['cpu_s'][i] for r in runs_):.1f}" for i in range(len(runs_[0]["cpu_s"])))
-        print(f"| {name} | {statistics.median(r['wall_s'] for r in runs_):.1f} | {cpu} | {runs_[0]['score']} |")
+        per_task = " | ".join(f"{statistics.median(r['task_s'][t] for r in runs_):.1f}" for t in tasks)
+        print(f"| {name} | {statistics.median(r['wall_s'] for r in runs_):.1f} | {per_task} | {cpu} | "
+              f"{runs_[0]['score']} |")
     print(f"\n2 processes / 1 process wall time: {w2 / w1:.2f}; identical results and generations: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "ratio": w2 / w1, "identical": same},

@@ -103,6 +103,9 @@ def test_callback_logs_lm_eval_numbers_with_baseline_before_first_step(tokenizer
     assert baseline["general/score"] == pytest.approx(np.mean(headline))
     assert [h["when"] for h in general.history] == ["start", "end"]
     assert module.general_baseline == baseline
+    per_task = {k: v for k, v in baseline.items() if k.startswith("general/eval_seconds/")}
+    assert set(per_task) == {f"general/eval_seconds/{t}" for t in ("ifeval", "gsm8k", "humaneval_instruct")}
+    assert sum(per_task.values()) <= baseline["general/eval_seconds"]
     assert float(trainer.callback_metrics["general/score"]) == pytest.approx(general.history[-1]["metrics"]["general/score"])
 
     drift_logs = [(i, step, m) for i, step, m in logs if "drift/nll_delta" in m]
@@ -156,6 +159,8 @@ def test_cli_writes_results_json(tiny_model_dir, tmp_path, capsys):
     assert set(result) >= {"results", "general/score", "versions", "settings", "wall_time_s", "n_samples"}
     assert result["settings"]["model"] == str(tiny_model_dir) and result["settings"]["device"] == "cpu"
     assert result["versions"]["tasks"] == {"ifeval": 4.0}
+    assert list(result["task_wall_time_s"]) == ["ifeval"]  # seconds per task, within the evaluation's
+    assert 0 < result["task_wall_time_s"]["ifeval"] <= result["wall_time_s"]["evaluate"]
     assert "prompt_level_strict_acc" in capsys.readouterr().out
 
 

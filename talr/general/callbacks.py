@@ -2,9 +2,11 @@
 
 Evaluates `pl_module.model` with `pl_module.tokenizer` through `talr.general.evaluate_general` before
 the first step (the baseline), every `every_n_epochs` epochs and/or `every_n_steps` optimizer steps,
-and after training; logs `general/<task>/<metric>` and `general/score` to every logger at the current
-global step and puts them in `trainer.callback_metrics` (so `ModelCheckpoint(monitor="general/score")`
-works). The baseline is also kept as `pl_module.general_baseline` (a dict) for run summaries.
+and after training; logs `general/<task>/<metric>`, `general/score` and the cost (`general/eval_seconds` for the
+whole evaluation, `general/eval_seconds/<task>` for each task: `talr.general.evaluate.timed_tasks`) to every
+logger at the current global step and puts them in `trainer.callback_metrics` (so
+`ModelCheckpoint(monitor="general/score")` works), through `talr.callbacks.metrics.publish_metrics`. The baseline
+is also kept as `pl_module.general_baseline` (a dict; the base module's public attribute) for run summaries.
 
 Several processes, `data_parallel: true` (default): every rank evaluates its share of each task's documents
 and lm-eval combines them exactly as one process would (`talr.general.sharded`; under FSDP2 each rank first gets
@@ -27,9 +29,9 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
 from talr.chat import chat_format_of
 from talr.distributed import refuse_fsdp1, unsharded_copy
 from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
@@ -39,22 +41,11 @@ from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
 log = logging.getLogger(__name__)
 
 
-def log_to_loggers(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write metrics to every logger at `step` (rank 0 only) and expose them to other callbacks."""
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
-
-
-def model_and_tokenizer(pl_module: LightningModule):
-    model, tokenizer = getattr(pl_module, "model", None), getattr(pl_module, "tokenizer", None)
-    if model is None or tokenizer is None:
-        raise AttributeError(
-            f"{type(pl_module).__name__} must have `model` (a transformers causal LM) and `tokenizer` "
-            "attributes set before training starts"
-        )
-    return model, tokenizer
+def eval_seconds(result: dict[str, Any]) -> dict[str, float]:
+    """{"general/eval_seconds": the whole evaluation, "general/eval_seconds/<task>": the seconds spent on that task}
+    (lm-eval task names, as in the metric keys: "humaneval_instruct" under a chat template)."""
+    return {"general/eval_seconds": result["wall_time_s"],
+            **{f"general/eval_seconds/{task}": s for task, s in result.get("task_wall_time_s", {}).items()}}
 
 
 class GeneralEvalCallback(Callback):
@@ -177,7 +168,7 @@ class GeneralEvalCallback(Callback):
                 if copy is not model:
                     copy = copy.to(pl_module.device)
                 result = self.run_eval(copy, tokenizer, data_parallel=True) if data_parallel else self.run_eval(copy, tokenizer)
-                payload = {"metrics": {**flat_metrics(result), "general/eval_seconds": result["wall_time_s"]}}
+                payload = {"metrics": {**flat_metrics(result), **eval_seconds(result)}}
             except Exception as err:  # other ranks must not hang at the barrier
                 error, payload = err, {"error": f"{type(err).__name__}: {err}"}
         del copy
@@ -190,9 +181,9 @@ class GeneralEvalCallback(Callback):
             raise RuntimeError(f"general evaluation failed on rank 0: {payload['error']}")
         metrics = payload["metrics"]
         step = trainer.global_step
-        log_to_loggers(trainer, metrics, step)
+        publish_metrics(trainer, metrics, step)
         self.last_step = step
-        if when == "start":  # read by talr.callbacks.RunSummary ("general_baseline")
+        if when == "start":  # the module's public baseline attribute, read by talr.callbacks.RunSummary
             pl_module.general_baseline = dict(metrics)
         self.history.append({"step": step, "epoch": trainer.current_epoch, "when": when, "metrics": metrics})
         if trainer.is_global_zero:

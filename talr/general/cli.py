@@ -4,6 +4,9 @@
         --limit 10 --data-dir ../shared/data --output results.json
     python -m talr evaluate --model runs/.../hf --chat-template-kwargs '{"enable_thinking": false}'  # Qwen3 runs
     torchrun --nproc_per_node 8 -m talr evaluate --model runs/.../hf   # every GPU its share of the documents
+
+The JSON output holds lm-eval's results, the settings, and the seconds: "wall_time_s" ({"load_model", "evaluate",
+"total"}) and "task_wall_time_s" ({lm-eval task: seconds spent on it}, talr.general.evaluate.timed_tasks).
 """
 
 from __future__ import annotations
@@ -149,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_time_s"] = {"load_model": load_s, "evaluate": result["wall_time_s"],
                              "total": time.perf_counter() - start}
     print(format_table(result))
+    per_task = ", ".join(f"{task} {s:.1f} s" for task, s in result["task_wall_time_s"].items())
     print(f"lm-eval {result['versions']['lm_eval']}, task versions {result['versions']['tasks']}, "
-          f"{result['wall_time_s']['evaluate']:.1f} s")
+          f"{result['wall_time_s']['evaluate']:.1f} s ({per_task})")
     out = Path(args.output).expanduser() if args.output else default_output(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")

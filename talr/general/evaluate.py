@@ -7,6 +7,19 @@ runs under `torch.no_grad()` in eval mode, restores the previous train/eval mode
 states afterwards (lm-eval reseeds `random`, numpy and torch, which would otherwise change the rest of a
 training run).
 
+Seconds per task (`task_wall_time_s`): lm-eval runs one joint call's requests by type across all tasks, so
+`timed_tasks` adds up, per task, the time lm-eval spends loading the task and its data, building its requests
+(prompts, few-shot examples), generating its answers, and filtering and scoring them (HumanEval's code execution
+included); building the model wrapper, aggregating and lm-eval's environment report count in the total only.
+It stays one joint call, so the results are unchanged. Generation is timed by running lm-eval's `generate_until`
+once per group of requests with identical generation settings (`ChatFormatHFLM.generate_until`): lm-eval batches
+each such group on its own anyway, so the batches and answers are the same; the paper's tasks each have their own
+stop sequences, hence one group each.
+One lm-eval call per task would not give the joint call's results: IFEval's checker draws a random letter from
+Python's global `random` for 2 of its 541 prompts (keys 1122 and 1129 name '#' and '!' as the letter to count),
+and the state it draws from depends on how many tasks were loaded in the same call (lm-eval's `Task.task_name`
+draws from it on every access; tests/test_general_per_task.py).
+
 Headline metrics (the paper's general score is their mean):
     IFEval    prompt_level_strict_acc   (lm-eval key "prompt_level_strict_acc,none")
     GSM8K     exact_match_strict_match  (lm-eval key "exact_match,strict-match", 5-shot)
@@ -17,6 +30,7 @@ Headline metrics (the paper's general score is their mean):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import shutil
@@ -84,6 +98,43 @@ def flat_metrics(result: Mapping[str, Any], prefix: str = "general", stderr: boo
     if result.get(f"{prefix}/score") is not None:
         flat[f"{prefix}/score"] = result[f"{prefix}/score"]
     return flat
+
+
+@contextlib.contextmanager
+def timed_tasks(lm):
+    """Inside, one lm-eval call adds each task's seconds to the dict this yields (see the module docstring): loading
+    the task and its data, building its requests, generating its answers (`lm` a `ChatFormatHFLM`), filtering and
+    scoring them. Wraps lm-eval's `ConfigurableTask` (the class of every YAML task) `__init__`, `apply_filters` and
+    `process_results` and `Task.build_all_requests` in timers that change nothing else."""
+    from lm_eval.api.task import ConfigurableTask, Task
+
+    seconds: dict[str, float] = {}
+
+    def timed(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:  # the name from the config: lm-eval's `task_name` draws from the global `random`
+                name = getattr(getattr(self, "config", None), "task", None)
+                if name is not None:
+                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    saved = [(cls, name, cls.__dict__[name]) for cls, name in (
+        (ConfigurableTask, "__init__"), (Task, "build_all_requests"), (ConfigurableTask, "apply_filters"),
+        (ConfigurableTask, "process_results"))]
+    for cls, name, fn in saved:
+        setattr(cls, name, timed(fn))
+    lm.task_seconds = seconds
+    try:
+        yield seconds
+    finally:
+        lm.task_seconds = None
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
 
 
 def check_full_model(model: torch.nn.Module) -> None:
@@ -172,7 +223,9 @@ def evaluate_general(
     Returns:
         {"results": {task: {metric: value}}, "general/score": mean headline metric (None if none),
          "headline": {task: value}, "versions": {"tasks": {...}, "lm_eval": str},
-         "n_samples": {task: n}, "config": settings, "wall_time_s": float, ["samples": ...]}
+         "n_samples": {task: n}, "config": settings, "wall_time_s": float (the whole evaluation),
+         "task_wall_time_s": {lm-eval task: seconds spent on it (timed_tasks)}, ["samples": ...]}
+        Under data parallelism every rank returns rank 0's results and per-task seconds.
     """
     import lm_eval
 
@@ -211,6 +264,7 @@ def evaluate_general(
                     from talr.general.sharded import data_parallel_evaluation
 
                     stack.enter_context(data_parallel_evaluation(lm))
+                seconds = stack.enter_context(timed_tasks(lm))
                 raw = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=run_tasks,
@@ -226,7 +280,9 @@ def evaluate_general(
                 )
     finally:
         shutil.rmtree(task_dir, ignore_errors=True)
-    if data_parallel and lm.world_size > 1:  # rank 0 combined every rank's documents; share its results
+    if raw is not None:
+        raw = {**raw, "task_wall_time_s": seconds}
+    if data_parallel and lm.world_size > 1:  # rank 0 combined every rank's documents; share its results and seconds
         from talr.general.sharded import broadcast_results
 
         raw = broadcast_results(raw)
@@ -241,6 +297,7 @@ def evaluate_general(
         "n_samples": {t: dict(v) for t, v in raw.get("n-samples", {}).items()},
         "config": config,
         "wall_time_s": time.perf_counter() - start,
+        "task_wall_time_s": dict(raw["task_wall_time_s"]),
     }
     if log_samples:
         out["samples"] = raw.get("samples")
