@@ -1,4 +1,7 @@
-"""FSDP2 sharding of a Hugging Face causal LM for Lightning's `ModelParallelStrategy`.
+"""FSDP2 sharding of a Hugging Face causal LM for Lightning's `ModelParallelStrategy`, and the one module that
+knows what is sharded and how to gather it: `is_sharded`, `is_dtensor`/`local_tensor`, `base_model` (under peft),
+`is_distributed`, `full_state_dict`, `unsharded_copy` (rank 0, CPU: export), `replicated_copy` (every rank, its
+own device: data-parallel generation) and the evaluation shards (`eval_shards`, `owned_rows`).
 
 `shard_model(model, device_mesh)` applies `torch.distributed.fsdp.fully_shard` to every decoder layer
 (found by class name; default: the model's `_no_split_modules`) and then to the root, on the
@@ -25,19 +28,41 @@ import logging
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+try:  # FSDP2 parameters are DTensors
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
 MIXED_PRECISION = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "is_sharded", "full_state_dict", "unsharded_copy",
-           "refuse_fsdp1", "eval_shards", "owned_rows"]
+__all__ = ["shard_model", "data_parallel_mesh", "decoder_layers", "base_model", "is_distributed", "is_sharded",
+           "is_dtensor", "local_tensor", "full_state_dict", "unsharded_copy", "replicated_copy", "refuse_fsdp1",
+           "eval_shards", "owned_rows"]
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (`PeftModel.get_base_model()`), else `model`."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_distributed(group=None) -> bool:
+    """True when a torch.distributed process group with more than one rank is initialized."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """True for a DTensor (under FSDP2: a parameter, or its gradient, sharded across ranks)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor); any other tensor as is."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def data_parallel_mesh(device_mesh):
@@ -55,9 +80,9 @@ def data_parallel_mesh(device_mesh):
 def decoder_layers(model: nn.Module, layer_class_names: Iterable[str] | None = None) -> list[nn.Module]:
     """Modules whose class name is in `layer_class_names` (default: the model's `_no_split_modules`),
     outermost first; a matching module inside a matching module is not listed twice."""
-    names = set(layer_class_names or getattr(_base(model), "_no_split_modules", None) or ())
+    names = set(layer_class_names or getattr(base_model(model), "_no_split_modules", None) or ())
     if not names:
-        raise ValueError(f"{type(_base(model)).__name__} has no _no_split_modules; pass layer_class_names")
+        raise ValueError(f"{type(base_model(model)).__name__} has no _no_split_modules; pass layer_class_names")
     found: list[nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
@@ -71,6 +96,7 @@ def decoder_layers(model: nn.Module, layer_class_names: Iterable[str] | None = N
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded with FSDP2 (`fully_shard`); its parameters are DTensors (`is_dtensor`)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -79,7 +105,7 @@ def is_sharded(model: nn.Module) -> bool:
 def _enable_activation_checkpointing(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
     """Transformers' own per-layer checkpointing (non-reentrant; parameter names unchanged) when the model
     has it, else `checkpoint_wrapper` around each layer (names gain `_checkpoint_wrapped_module.`)."""
-    base = _base(model)
+    base = base_model(model)
     if getattr(base, "supports_gradient_checkpointing", False):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(base, "config", None) is not None:
@@ -138,7 +164,7 @@ def shard_model(
     # The root (embeddings, final norm, output layer) stays gathered from its forward to its backward, FSDP2's
     # default for roots: the loss reads the output weight right after `model(...)`, and backward needs it next.
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
-    if model is not _base(model):
+    if model is not base_model(model):
         # peft's `generate` calls the base model directly, never the wrapper's forward, so the root's hooks
         # would not gather the embeddings (`aten.embedding got mixed torch.Tensor and DTensor`); make
         # `generate` a forward method of the root, with FSDP's pre-/post-forward hooks around it.
@@ -150,14 +176,16 @@ def shard_model(
     return model
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on CPU, on rank 0 only (other ranks get {}). A collective: call it on every
-    rank, then `model.save_pretrained(path, state_dict=sd)` on rank 0. A plain model returns its own."""
+def full_state_dict(model: nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded state dict: on CPU on rank 0 only (other ranks get {}), or with `every_rank` on every rank
+    on the parameters' device. A collective: call it on every rank (then e.g. `model.save_pretrained(path,
+    state_dict=sd)` on rank 0). A plain model returns its own."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not is_sharded(model):
         return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    return get_model_state_dict(model, options=options)
 
 
 def unsharded_copy(model: nn.Module) -> nn.Module | None:
@@ -170,25 +198,47 @@ def unsharded_copy(model: nn.Module) -> nn.Module | None:
     size in CPU memory while the copy is built."""
     if not is_sharded(model):
         return model
-    import torch.distributed as dist
-
     state = full_state_dict(model)
     if dist.get_rank() != 0:
         return None
-    base = _base(model)
+    return _plain_copy(model, state)
+
+
+def replicated_copy(model: nn.Module) -> nn.Module:
+    """The full model on every rank, on that rank's device, in eval mode: a plain copy of an FSDP2-sharded model
+    (a collective: every rank must call it), or `model` itself when it is not sharded (DDP and single-process
+    models are whole on every rank already). peft adapters are re-attached with the same LoRA config.
+
+    For data-parallel generation (`talr.general.sharded`): generating in lockstep with the sharded model would
+    all-gather every layer's weights for every generated token (a 3B model in bf16: 6 GB per token step).
+    Memory per GPU: one model in the training parameters' dtype (fp32 for the paper configs: 12 GB for a 3B
+    model) next to the shard, and up to two while the copy is built."""
+    if not is_sharded(model):
+        return model
+    return _plain_copy(model, full_state_dict(model, every_rank=True)).eval()
+
+
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh model of `model`'s class (not FSDP's subclass) and config holding the full `state`, built on the
+    state's device (no CPU copy per rank when it is a GPU); peft adapters re-attached with the same config."""
+    base = base_model(model)
     cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))  # fully_shard subclasses it
+    device = next(iter(state.values())).device
     peft_config = getattr(model, "peft_config", None)
+    if peft_config is not None:
+        prefix = "base_model.model."
+        lora = {k: v for k, v in state.items() if "lora_" in k}
+        state = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    with torch.device(device):
+        copy = cls.from_pretrained(None, config=base.config, state_dict=state, dtype=base.dtype).to(device)
     if peft_config is None:
-        return cls.from_pretrained(None, config=base.config, state_dict=state, dtype=base.dtype)
+        return copy
     from peft import get_peft_model
 
-    prefix = "base_model.model."
-    base_state = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
-    copy = get_peft_model(cls.from_pretrained(None, config=base.config, state_dict=base_state, dtype=base.dtype),
-                          next(iter(peft_config.values())))
-    missing = copy.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False)
-    if missing.unexpected_keys:
-        raise RuntimeError(f"adapter weights not found in the copy: {missing.unexpected_keys[:3]}")
+    copy = get_peft_model(copy, next(iter(peft_config.values())))
+    result = copy.load_state_dict(lora, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"adapter weights not found in the copy: {result.unexpected_keys[:3]}")
     return copy
 
 

@@ -47,8 +47,7 @@ def _worker(rank: int, init_file: str, data_dir: str, batch_size: int, shard: bo
         if shard:
             from torch.distributed.device_mesh import init_device_mesh
 
-            from talr.distributed import shard_model
-            from talr.general.sharded import replicated_copy
+            from talr.distributed import replicated_copy, shard_model
 
             model = replicated_copy(shard_model(model, init_device_mesh("cpu", (2,))))
             assert not any(hasattr(p, "full_tensor") for p in model.parameters())
@@ -98,7 +97,8 @@ def test_fsdp2_ranks_evaluate_a_full_replica_with_batches(tmp_path, tokenizer):
 
 
 def test_without_process_group_it_is_the_plain_evaluation(tokenizer):
-    from talr.general.sharded import broadcast_results, data_parallel_evaluation, is_distributed
+    from talr.distributed import is_distributed
+    from talr.general.sharded import broadcast_results, data_parallel_evaluation
 
     assert not is_distributed()
     lm = object()

@@ -16,12 +16,8 @@ builds the prompts of all documents, in order, and keeps its share: the prompts 
 
 `broadcast_results` hands rank 0's combined results to every rank.
 
-FSDP2: generation needs the full weights on every rank. `replicated_copy` gathers them (a collective) into a
-plain model on each rank's own device. Memory per GPU while evaluating: one model in the training parameters'
-dtype (fp32 for the paper configs: 4 bytes per parameter, 12 GB for a 3B model) next to the shard, and up to
-two while the copy is built. The alternative, generating in lockstep with the sharded model, all-gathers every
-layer's weights for every generated token (a 3B model in bf16: 6 GB per token step) — far slower than
-generating from a local copy, so it is not used.
+FSDP2: generation needs the full weights on every rank; `talr.distributed.replicated_copy` gathers them into a
+plain model on each rank's own device (it says what that costs), which the callers evaluate here.
 
 A rank that fails mid-evaluation leaves the others waiting in the next collective until the process-group
 timeout (the paper configs: 3 h); the error is raised on the failing rank.
@@ -36,15 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from talr.distributed import is_distributed
+
 log = logging.getLogger(__name__)
 
-__all__ = ["is_distributed", "data_parallel_evaluation", "data_parallel_lm", "broadcast_results", "replicated_copy",
-           "join_launcher_group"]
-
-
-def is_distributed(group=None) -> bool:
-    """True when a torch.distributed process group with more than one rank is initialized."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+__all__ = ["data_parallel_evaluation", "data_parallel_lm", "broadcast_results", "join_launcher_group"]
 
 
 def data_parallel_lm(lm, group=None):
@@ -139,39 +131,6 @@ def broadcast_results(raw: dict[str, Any] | None, group=None) -> dict[str, Any]:
     if raw is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results on rank 0")
     return raw
-
-
-def replicated_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The full model on every rank, on that rank's device: a plain copy of an FSDP2-sharded model (a collective:
-    every rank must call it), or `model` itself when it is not sharded (DDP and single-process models are whole
-    on every rank already). peft adapters are re-attached with the same LoRA config."""
-    from talr.distributed import is_sharded
-
-    if not is_sharded(model):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # every rank, on device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))  # fully_shard subclasses it
-    device = next(iter(state.values())).device
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config is not None:
-        prefix = "base_model.model."
-        lora = {k: v for k, v in state.items() if "lora_" in k}
-        state = {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
-    with torch.device(device):  # build directly on the device: no CPU copy of the model per rank
-        copy = cls.from_pretrained(None, config=base.config, state_dict=state, dtype=base.dtype)
-    del state
-    copy = copy.to(device)
-    if peft_config is not None:
-        from peft import get_peft_model
-
-        copy = get_peft_model(copy, next(iter(peft_config.values())))
-        result = copy.load_state_dict(lora, strict=False)
-        if result.unexpected_keys:
-            raise RuntimeError(f"adapter weights not found in the copy: {result.unexpected_keys[:3]}")
-    return copy.eval()
 
 
 def join_launcher_group(device: str) -> tuple[str, bool]:
