@@ -34,10 +34,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-try:  # FSDP2 parameters are DTensors
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch builds without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+from talr.distributed import is_distributed, is_dtensor, local_tensor
 
 TAU_MIN = 1e-6
 Normalize = Literal["simplex", "mean"]
@@ -64,7 +61,7 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 
 
 def _synced(sync: bool) -> bool:
-    return bool(sync) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return bool(sync) and is_distributed()
 
 
 def _numpy_median(values: torch.Tensor) -> torch.Tensor:
@@ -253,17 +250,11 @@ def weighted_token_loss_sum(
 
 # --- L2-to-init -------------------------------------------------------------------------------
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def _like(p: torch.Tensor, p0: torch.Tensor) -> torch.Tensor:
     """θ0 in θ's form: a plain local shard is wrapped as a DTensor with θ's mesh and placements."""
-    if _is_dtensor(p) and not _is_dtensor(p0):
+    if is_dtensor(p) and not is_dtensor(p0):
+        from torch.distributed.tensor import DTensor
+
         return DTensor.from_local(p0, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
     return p0
 
@@ -280,7 +271,7 @@ def l2_to_init_value(
         raise ValueError(f"numel_total must be positive, got {numel_total}")
     total = None
     for p, p0 in zip(params, init_params, strict=True):
-        a, b = _local(p), _local(p0)
+        a, b = local_tensor(p), local_tensor(p0)
         sq = (a.float() - b.to(a.device).float()).pow(2).sum()
         total = sq if total is None else total + sq
     if total is None:
@@ -332,6 +323,6 @@ def pull_toward_init_(params: Iterable[torch.Tensor], init_params: Iterable[torc
     if weight == 0.0:
         return
     with torch.no_grad():
-        pairs = [(_local(p), _local(p0)) for p, p0 in zip(params, init_params, strict=True)]
+        pairs = [(local_tensor(p), local_tensor(p0)) for p, p0 in zip(params, init_params, strict=True)]
         if pairs:
             torch._foreach_lerp_([a for a, _ in pairs], [b.to(device=a.device, dtype=a.dtype) for a, b in pairs], weight)

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 
+from talr.distributed import is_dtensor
 from talr.losses import L2_FORMS, add_l2_to_init_grad_, l2_penalty_scale, l2_to_init_value, pull_toward_init_
 from talr.methods.sft import SFT
 from talr.modeling import load_model
@@ -88,21 +89,15 @@ class L2Init(SFT):
     def _squared_distance(self, params) -> torch.Tensor:
         """Σ(θ−θ0)² over all trainable parameters, reduced across ranks when they are sharded."""
         sq = l2_to_init_value(params, self.theta0, 1)
-        if self.trainer.world_size > 1 and _is_sharded(params):
+        if self.trainer.world_size > 1 and any(map(is_dtensor, params)):  # FSDP2 shards: a partial sum
             sq = self.trainer.strategy.reduce(sq.to(self.device), reduce_op="sum")
         return sq
 
 
-def _is_sharded(params) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in params)
-
-
 def _shard_like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 
     full = full.to(device=p.device, dtype=p.dtype)
-    if isinstance(p, DTensor):
+    if is_dtensor(p):
         return distribute_tensor(full, p.device_mesh, p.placements)
     return full

@@ -24,17 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from talr.distributed import base_model, is_dtensor
+
 IGNORE_INDEX = -100
 
 __all__ = ["chunked_token_losses", "causal_lm_token_losses", "output_head"]
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -150,7 +144,7 @@ def chunked_token_losses(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         raise TypeError("weight is a sharded DTensor: compute the loss while the output layer is gathered "
                         "(after the FSDP root's forward, see causal_lm_token_losses)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -178,7 +172,7 @@ _UNSUPPORTED_SCALING = ("logit_scale", "logits_scaling", "output_multiplier_scal
 
 def output_head(model) -> tuple[Tensor, Tensor | None, float | None]:
     """(weight, bias, softcap) of a causal LM's output layer; peft wrappers are looked through."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         raise NotImplementedError(
@@ -203,7 +197,7 @@ def causal_lm_token_losses(model, input_ids: Tensor, attention_mask: Tensor, lab
                 logits_to_keep=1, use_cache=False, **model_kwargs)
     hidden = out.hidden_states[-1][:, :-1]
     weight, bias, softcap = output_head(model)
-    if _is_dtensor(weight) and hasattr(model, "unshard"):  # an FSDP2 root that resharded after forward
+    if is_dtensor(weight) and hasattr(model, "unshard"):  # an FSDP2 root that resharded after forward
         model.unshard()  # gathered again; its backward reduce-scatters the gradient and reshards
         weight, bias, softcap = output_head(model)
     shifted = labels[:, 1:]
