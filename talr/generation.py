@@ -50,6 +50,17 @@ def greedy_generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: t
     return [fmt.cut_at_stop(row) for row in out[:, input_ids.shape[1]:].tolist()]
 
 
+def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                   chat_format: ChatFormat) -> list[list[int]]:
+    """`greedy_generate` over token-id prompts (e.g. the drift callback's), left-padded `batch_size` at a time."""
+    pad, device = pad_id_of(tokenizer, chat_format.for_model(model)), next(model.parameters()).device
+    answers = []
+    for start in range(0, len(prompt_ids), batch_size):
+        ids, mask = left_pad(prompt_ids[start : start + batch_size], pad, device)
+        answers += greedy_generate(model, tokenizer, ids, mask, max_new_tokens, chat_format)
+    return answers
+
+
 def decode_answers(tokenizer, answers: list[list[int]], chat_format: ChatFormat) -> list[str]:
     """Text of each answer without special tokens, and without the thinking part when thinking is on."""
     return [chat_format.strip_thinking(tokenizer.decode(a, skip_special_tokens=True)) for a in answers]

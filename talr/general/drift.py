@@ -24,9 +24,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from talr.chat import ChatFormat, chat_format_of
-from talr.general.callbacks import log_to_loggers, model_and_tokenizer
 from talr.general.evaluate import preserved_state
-from talr.generation import greedy_generate, left_pad, pad_id_of
+from talr.generation import greedy_answers, pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +64,6 @@ def encode_prompts(tokenizer, prompts: list[str], apply_chat_template: bool = Tr
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def greedy_answers(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-    chat_format: ChatFormat | None = None,
-) -> list[list[int]]:
-    """Greedy answers (token ids, up to and including the first end-of-turn/stop token) to each prompt, batched
-    (`talr.generation.greedy_generate`, the function domain evaluation uses)."""
-    fmt = chat_format if chat_format is not None else ChatFormat.from_tokenizer(tokenizer)
-    pad, device, answers = pad_id_of(tokenizer, fmt.for_model(model)), _device(model), []
-    for start in range(0, len(prompt_ids), batch_size):
-        ids, mask = left_pad(prompt_ids[start : start + batch_size], pad, device)
-        answers += greedy_generate(model, tokenizer, ids, mask, max_new_tokens, fmt)
-    return answers
 
 
 def answer_nll(
@@ -167,12 +152,16 @@ class CodeLengthDriftCallback(Callback):
         return {"drift/nll": nll, "drift/nll_delta": nll - self.base_nll}
 
     # -- hooks -----------------------------------------------------------------------------------
+    # (talr.callbacks.metrics is imported in the hooks: the talr.callbacks package imports this module, for
+    # ReferenceTextNLL, so a top-level import would be circular when this module is imported first)
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         from talr.distributed import refuse_fsdp1
 
         refuse_fsdp1(trainer, "CodeLengthDriftCallback")  # FSDP2: every rank runs the same forward passes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
+
         if self.base_nll is not None:  # restored from a checkpoint: keep the original reference
             return
         if trainer.global_step > 0:
@@ -181,20 +170,24 @@ class CodeLengthDriftCallback(Callback):
         model, tokenizer = model_and_tokenizer(pl_module)
         base = self.setup_reference(model, tokenizer, chat_format_of(pl_module, trainer))
         self.last_step = trainer.global_step
-        log_to_loggers(trainer, {"drift/nll": base, "drift/nll_delta": 0.0}, trainer.global_step)
+        publish_metrics(trainer, {"drift/nll": base, "drift/nll_delta": 0.0}, trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
+
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             model, _ = model_and_tokenizer(pl_module)
-            log_to_loggers(trainer, self.measure(model), step)
+            publish_metrics(trainer, self.measure(model), step)
             self.last_step = step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The final model's drift (for the run summary), unless it was just measured at this step."""
+        from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
+
         if self.base_nll is not None and trainer.global_step != self.last_step:
             model, _ = model_and_tokenizer(pl_module)
-            log_to_loggers(trainer, self.measure(model), trainer.global_step)
+            publish_metrics(trainer, self.measure(model), trainer.global_step)
             self.last_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
