@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from talr.data.encoding import Collator
-from talr.losses import flow_sample_weights, weighted_token_loss_sum
+from talr.losses import flow_sample_weights, sequence_mean_losses, weighted_token_loss_sum
 from talr.methods.sft import SFT
 from talr.modeling import cache_dir, model_fingerprint
 
@@ -98,7 +98,7 @@ class FLOW(SFT):
         for batch in tqdm(loader, desc="FLOW: initial-model losses", disable=not self.trainer.is_global_zero):
             batch = move_data_to_device(batch, self.device)
             token_losses, mask = self.token_losses(batch)
-            per_sample = token_losses.where(mask, 0.0).sum(1) / mask.sum(1).clamp_min(1)
+            per_sample = sequence_mean_losses(token_losses, mask)  # nan without a supervised token: weight 0
             real = batch["index"] >= 0
             losses[batch["index"][real]] = per_sample[real].double()
         self.model.train(was_training)
