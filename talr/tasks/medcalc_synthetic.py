@@ -134,6 +134,16 @@ def _decimal(entities: dict, value: float, steps: list[str]) -> tuple:
     return entities, answer, _num(lo, 9), _num(hi, 9), "\n".join(steps)
 
 
+def _hence(what: str, value: float, unit: str) -> str:
+    """The sentence that ends a decimal explanation, as the official rows write it."""
+    return f"Hence, the patient's {what} is {_num(value)} {unit}."
+
+
+def _result(calculation: str, value: float, unit: str, what: str) -> str:
+    """An explanation's last step: the calculation, its value, and the concluding sentence."""
+    return f"{calculation} = {_num(value)} {unit}. " + _hence(what, value, unit)
+
+
 def _bmi_steps(p: dict) -> list[str]:
     h, w = p["height"], p["weight"]
     return [f"BMI is the weight in kg divided by the square of the height in m. The patient's height is {_d(h)} cm, "
@@ -150,7 +160,7 @@ def _ibw_steps(p: dict) -> list[str]:
 
 
 def _calc_bmi(p: dict) -> tuple:
-    steps = _bmi_steps(p) + [f"Hence, the patient's BMI is {_num(bmi(p['weight'], p['height']))} kg/m^2."]
+    steps = _bmi_steps(p) + [_hence("BMI", bmi(p["weight"], p["height"]), "kg/m^2")]
     return _decimal({"weight": [float(p["weight"]), "kg"], "height": [float(p["height"]), "cm"]},
                     bmi(p["weight"], p["height"]), steps)
 
@@ -158,7 +168,7 @@ def _calc_bmi(p: dict) -> tuple:
 def _calc_ibw(p: dict) -> tuple:
     value = ideal_body_weight(p["sex"], p["height"])
     return _decimal({"sex": p["sex"], "height": [float(p["height"]), "cm"]}, value,
-                    _ibw_steps(p) + [f"Hence, the patient's ideal body weight is {_num(value)} kg."])
+                    _ibw_steps(p) + [_hence("ideal body weight", value, "kg")])
 
 
 def _calc_crcl(p: dict) -> tuple:
@@ -182,8 +192,8 @@ def _calc_crcl(p: dict) -> tuple:
             steps.append(f"For BMI of 25 or more the adjusted weight is IBW + 0.4 * (weight - IBW) = {_num(ibw)} kg + "
                          f"0.4 * ({_d(w)} kg - {_num(ibw)} kg) = {_num(adj)} kg.")
     value = (140 - age) * adj * float(coef) / (cr * 72)
-    steps.append(f"CrCl = ((140 - {age}) * {_num(adj)} * {coef}) / ({_d(cr)} * 72) = {_num(value)} mL/min. "
-                 f"Hence, the patient's creatinine clearance is {_num(value)} mL/min.")
+    steps.append(_result(f"CrCl = ((140 - {age}) * {_num(adj)} * {coef}) / ({_d(cr)} * 72)", value, "mL/min",
+                         "creatinine clearance"))
     entities = {"sex": sex, "age": [age, "years"], "weight": [float(w), "kg"], "height": [float(h), "cm"],
                 "creatinine": [float(cr), "mg/dL"]}
     return _decimal(entities, value, steps)
@@ -194,7 +204,7 @@ def _calc_map(p: dict) -> tuple:
     value = mean_arterial_pressure(s, d)
     steps = [f"The mean arterial pressure is 2/3 * diastolic pressure + 1/3 * systolic pressure. The blood pressure "
              f"is {s}/{d} mm Hg, so MAP = 2/3 * {d} mm Hg + 1/3 * {s} mm Hg = {_num(value)} mm Hg.",
-             f"Hence, the patient's mean arterial pressure is {_num(value)} mm Hg."]
+             _hence("mean arterial pressure", value, "mm Hg")]
     return _decimal({"Systolic Blood Pressure": [float(s), "mm hg"], "Diastolic Blood Pressure": [float(d), "mm hg"]},
                     value, steps)
 
@@ -205,8 +215,7 @@ def _calc_qtc(p: dict) -> tuple:
     steps = ["Bazett's formula is QTc = QT interval / √(RR interval), with the QT interval in msec and the RR "
              "interval in seconds, RR = 60 / heart rate.",
              f"The heart rate is {hr} beats per minute, so RR = 60/{hr} = {_num(rr)}. The QT interval is {qt} msec.",
-             f"QTc = {qt}/√({_num(rr)}) = {_num(value)} msec. Hence, the patient's corrected QT interval is "
-             f"{_num(value)} msec."]
+             _result(f"QTc = {qt}/√({_num(rr)})", value, "msec", "corrected QT interval")]
     return _decimal({"Heart Rate or Pulse": [hr, "beats per minute"], "QT interval": [qt, "msec"]}, value, steps)
 
 
@@ -215,8 +224,7 @@ def _calc_gap(p: dict) -> tuple:
     value = anion_gap(na, cl, hco3)
     steps = ["The anion gap is sodium - (chloride + bicarbonate), all in mEq/L.",
              f"The patient's sodium is {na} mEq/L, chloride is {cl} mEq/L and bicarbonate is {hco3} mEq/L.",
-             f"So the anion gap is {na} mEq/L - ({cl} mEq/L + {hco3} mEq/L) = {_num(value)} mEq/L. Hence, the "
-             f"patient's anion gap is {_num(value)} mEq/L."]
+             _result(f"So the anion gap is {na} mEq/L - ({cl} mEq/L + {hco3} mEq/L)", value, "mEq/L", "anion gap")]
     return _decimal({"Sodium": [float(na), "mEq/L"], "Chloride": [float(cl), "mEq/L"],
                      "Bicarbonate": [float(hco3), "mEq/L"]}, value, steps)
 
@@ -228,8 +236,8 @@ def _calc_osm(p: dict) -> tuple:
              "glucose in mg/dL.",
              f"The patient's sodium is {na} mEq/L, which is {na} mmol/L because sodium has a valence of 1. BUN is "
              f"{bun} mg/dL and glucose is {glu} mg/dL.",
-             f"So the osmolality is 2 * {na} + {bun} / 2.8 + {glu} / 18 = {_num(value)} mOsm/kg. Hence, the "
-             f"patient's serum osmolality is {_num(value)} mOsm/kg."]
+             _result(f"So the osmolality is 2 * {na} + {bun} / 2.8 + {glu} / 18", value, "mOsm/kg",
+                     "serum osmolality")]
     return _decimal({"Sodium": [float(na), "mEq/L"], "Blood Urea Nitrogen (BUN)": [float(bun), "mg/dL"],
                      "Glucose": [float(glu), "mg/dL"]}, value, steps)
 
