@@ -106,20 +106,11 @@ class LogProgress(ProgressBar):
     def on_train_end(self, trainer, pl_module) -> None:
         self._phase(f"training done at step {trainer.global_step}")
 
-    # -- evaluation loops ---------------------------------------------------------------------------------
+    # -- evaluation loops: validation, test and predict log the same lines -------------------------------------
     def _eval_start(self, what: str, total) -> None:
         self._eval_what, self._eval_total = what, total
         self._eval_start_t = self._eval_last = time.perf_counter()
         self._log("%s: %s batches", what, int(total) if math.isfinite(total) else "?")
-
-    def _eval_batch(self, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if now - self._eval_last >= self.every_s:
-            self._eval_last = now
-            self._log(_line(self._eval_what, batch_idx + 1, self._eval_total, self._eval_start_t))
-
-    def _eval_end(self) -> None:
-        self._log("%s done in %s", self._eval_what, duration(time.perf_counter() - self._eval_start_t))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -131,26 +122,20 @@ class LogProgress(ProgressBar):
         total = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
         self._eval_start(what, sum(total) if isinstance(total, list) else total)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(batch_idx)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._eval_end()
-
     def on_test_start(self, trainer, pl_module) -> None:
         self._eval_start("test", sum(trainer.num_test_batches))
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(batch_idx)
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self._eval_end()
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._eval_start("predict", sum(trainer.num_predict_batches))
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._eval_batch(batch_idx)
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        now = time.perf_counter()
+        if now - self._eval_last >= self.every_s:
+            self._eval_last = now
+            self._log(_line(self._eval_what, batch_idx + 1, self._eval_total, self._eval_start_t))
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self._eval_end()
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._log("%s done in %s", self._eval_what, duration(time.perf_counter() - self._eval_start_t))
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
+    on_test_end = on_predict_end = on_validation_end
