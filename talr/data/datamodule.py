@@ -52,17 +52,11 @@ class DomainDataModule(L.LightningDataModule):
         chat_template_kwargs: dict | None = None,
     ):
         super().__init__()
-        self.task = task
-        self.tokenizer_name = tokenizer
-        self.max_length = max_length
-        self.overlong = overlong
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.group_by_length = group_by_length
-        self.num_workers = num_workers
-        self.seed = seed
-        self.trust_remote_code = trust_remote_code
+        self.task, self.tokenizer_name, self.trust_remote_code = task, tokenizer, trust_remote_code
+        self.max_length, self.overlong = max_length, overlong
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.group_by_length, self.seed = group_by_length, seed
         self.chat_format = None  # talr.chat.ChatFormat, built in setup: the one chat format of the run
         self.tokenizer = None
         self.examples: dict[str, list[dict]] = {}

@@ -73,11 +73,8 @@ class Task(ABC):
     ):
         if format not in ("cot", "label"):
             raise ValueError(f"format must be 'cot' or 'label', got {format!r}")
-        self.source = source
-        self.format = format
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.split_seed = split_seed
+        self.source, self.format = source, format
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.max_examples = dict(max_examples or {})
 
     # -- data ------------------------------------------------------------------------------------
