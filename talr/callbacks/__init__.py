@@ -1,12 +1,27 @@
-"""Callbacks: run summaries, HF export, general-capability evaluation and code-length drift."""
+"""Callbacks: run summaries, HF export, SIGTERM checkpoints, RNG state, hard-token share and probabilities,
+answer-span and reference-text NLL; `metrics.publish_metrics`, the one way they log outside `self.log`.
 
-from talr.callbacks.answer_nll import AnswerSpanNLL
-from talr.callbacks.export import ExportHF
-from talr.callbacks.hard_token_probs import HardTokenProbs
-from talr.callbacks.preemption import CheckpointOnSigterm
-from talr.callbacks.summary import RunSummary
-from talr.callbacks.reference_nll import ReferenceTextNLL
-from talr.callbacks.token_share import HardTokenShare
+Loaded lazily (like `talr.general`): `talr.callbacks.metrics` can be imported by modules the callbacks
+themselves import (the drift callback) without a cycle.
+"""
 
-__all__ = ["AnswerSpanNLL", "CheckpointOnSigterm", "ExportHF", "HardTokenProbs", "HardTokenShare", "ReferenceTextNLL",
-           "RunSummary"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AnswerSpanNLL": "talr.callbacks.answer_nll",
+    "CheckpointOnSigterm": "talr.callbacks.preemption",
+    "ExportHF": "talr.callbacks.export",
+    "HardTokenProbs": "talr.callbacks.hard_token_probs",
+    "HardTokenShare": "talr.callbacks.token_share",
+    "ReferenceTextNLL": "talr.callbacks.reference_nll",
+    "RunSummary": "talr.callbacks.summary",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'talr.callbacks' has no attribute {name!r}")

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from talr.distributed import is_distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +85,7 @@ class RNGState(L.Callback):
         if self._trainer is not None and self._captured_at is not None and self._batches_processed() != self._captured_at:
             self._capture()  # a checkpoint callback ran before this one's on_train_batch_end
         states = [self._state]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, self._state)
         return {"per_rank": states}

@@ -33,9 +33,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
 from talr.chat import chat_format_of
-from talr.distributed import refuse_fsdp1, unsharded_copy
+from talr.distributed import refuse_fsdp1, replicated_copy, unsharded_copy
 from talr.general.evaluate import CODE_EXECUTION_HELP, evaluate_general, flat_metrics
-from talr.general.sharded import replicated_copy
 from talr.general.lm_tasks import CODE_TASKS, PAPER_TASKS
 
 log = logging.getLogger(__name__)

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_time_s"] = {"load_model": load_s, "evaluate": result["wall_time_s"],
                              "total": time.perf_counter() - start}
     print(format_table(result))
-    per_task = ", ".join(f"{task} {s:.1f} s" for task, s in result["task_wall_time_s"].items())
+    per_task = ", ".join(f"{task} {s:.1f} s" for task, s in result.get("task_wall_time_s", {}).items())
     print(f"lm-eval {result['versions']['lm_eval']}, task versions {result['versions']['tasks']}, "
           f"{result['wall_time_s']['evaluate']:.1f} s ({per_task})")
     out = Path(args.output).expanduser() if args.output else default_output(args.model)

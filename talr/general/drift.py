@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
 from talr.chat import ChatFormat, chat_format_of
 from talr.general.evaluate import preserved_state
 from talr.generation import greedy_answers, pad_id_of
@@ -152,16 +153,12 @@ class CodeLengthDriftCallback(Callback):
         return {"drift/nll": nll, "drift/nll_delta": nll - self.base_nll}
 
     # -- hooks -----------------------------------------------------------------------------------
-    # (talr.callbacks.metrics is imported in the hooks: the talr.callbacks package imports this module, for
-    # ReferenceTextNLL, so a top-level import would be circular when this module is imported first)
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         from talr.distributed import refuse_fsdp1
 
         refuse_fsdp1(trainer, "CodeLengthDriftCallback")  # FSDP2: every rank runs the same forward passes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
-
         if self.base_nll is not None:  # restored from a checkpoint: keep the original reference
             return
         if trainer.global_step > 0:
@@ -173,8 +170,6 @@ class CodeLengthDriftCallback(Callback):
         publish_metrics(trainer, {"drift/nll": base, "drift/nll_delta": 0.0}, trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
-
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             model, _ = model_and_tokenizer(pl_module)
@@ -183,8 +178,6 @@ class CodeLengthDriftCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The final model's drift (for the run summary), unless it was just measured at this step."""
-        from talr.callbacks.metrics import model_and_tokenizer, publish_metrics
-
         if self.base_nll is not None and trainer.global_step != self.last_step:
             model, _ = model_and_tokenizer(pl_module)
             publish_metrics(trainer, self.measure(model), trainer.global_step)
