@@ -185,3 +185,50 @@ def test_talr_evaluate_under_torchrun_matches_one_process(tmp_path, tiny_model_d
     assert out["two"]["results"] == out["one"]["results"]
     assert out["two"]["general/score"] == out["one"]["general/score"]
     assert out["two"]["n_samples"]["gsm8k"]["effective"] == 3
+
+
+def test_ifeval_ranks_score_each_document_from_one_process_random_state(tmp_path):
+    """IFEval's letter-frequency checker draws a letter from the global `random` for documents 19 and 22; a rank
+    that skipped the other rank's documents would draw other letters. `replaying_doc_iterator` replays them."""
+    import random
+
+    import lm_eval.tasks
+    from lm_eval.api.task import Task
+    from lm_eval.tasks.ifeval.instructions import LetterFrequencyChecker
+
+    from talr.general.lm_tasks import make_task_manager
+    from talr.general.sharded import replaying_doc_iterator
+
+    require(SHARED_DATA / "ifeval")
+    manager = make_task_manager(["ifeval"], tmp_path / "tasks", SHARED_DATA)
+    task = lm_eval.tasks.get_task_dict(["ifeval"], manager)["ifeval"]
+
+    def states(iterator) -> dict[int, list[int]]:
+        """{doc_id: [hash of the random state at each letter draw while scoring it]} for the yielded documents."""
+        out, current = {}, []
+        build = LetterFrequencyChecker.build_description
+
+        def recording(self, **kwargs):
+            current.append(hash(random.getstate()))
+            return build(self, **kwargs)
+
+        LetterFrequencyChecker.build_description = recording
+        try:
+            random.seed(1234)
+            for doc_id, doc in iterator:
+                current.clear()
+                task.process_results(doc, ["an answer"])
+                out[doc_id] = list(current)
+        finally:
+            LetterFrequencyChecker.build_description = build
+        return out
+
+    one = states(Task.doc_iterator(task, rank=0, limit=23, world_size=1))
+    assert len(one[19]) == 2 and len(one[22]) == 2  # strict and loose checks draw once each
+    replaying = replaying_doc_iterator(Task.doc_iterator)
+    for rank in (0, 1):
+        mine = states(replaying(task, rank=rank, limit=23, world_size=2))
+        assert sorted(mine) == list(range(rank, 23, 2))
+        assert mine == {d: one[d] for d in mine}
+    plain = states(Task.doc_iterator(task, rank=0, limit=23, world_size=2))  # lm-eval's split alone
+    assert plain[22] != one[22]  # the defect this guards against

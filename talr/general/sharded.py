@@ -14,6 +14,13 @@ random generator in document order, so a rank that builds only its own documents
 process would (lm-eval's own "TODO: need to offset doc_id by rank"). Inside `data_parallel_evaluation` every rank
 builds the prompts of all documents, in order, and keeps its share: the prompts are exactly one process's.
 
+A second: IFEval's scoring draws from Python's global `random` (its letter-frequency checker picks a letter for
+the documents whose instruction does not name one, e.g. documents 19 and 22), so the letter a document is
+checked for depends on how many draws the documents before it made. A rank that scores only its own documents
+would draw other letters than one process. While scoring such a task, every rank also replays the scoring of the
+other ranks' documents in between (with an empty answer, the result thrown away: the draws do not depend on the
+answer), so each document is scored from one process's random state (`replaying_doc_iterator`).
+
 `broadcast_results` hands rank 0's combined results to every rank.
 
 FSDP2: generation needs the full weights on every rank; `talr.distributed.replicated_copy` gathers them into a
@@ -97,11 +104,38 @@ def data_parallel_evaluation(lm, group=None):
 
     lm.barrier = barrier_after_answers
 
-    Task.build_all_requests = build_share
+    iterate = Task.doc_iterator
+    Task.build_all_requests, Task.doc_iterator = build_share, replaying_doc_iterator(iterate)
     try:
         yield lm
     finally:
-        Task.build_all_requests = build
+        Task.build_all_requests, Task.doc_iterator = build, iterate
+
+
+# Tasks whose scoring (`process_results`) draws from Python's global `random` (IFEval's letter-frequency checker).
+SCORING_DRAWS_RANDOM = ("ifeval",)
+
+
+def replaying_doc_iterator(iterate):
+    """`Task.doc_iterator` (lm-eval's, passed as `iterate`) for a rank of several: yields the rank's documents as
+    lm-eval does; for a task in `SCORING_DRAWS_RANDOM` it also scores, between them, the other ranks' documents
+    with an empty answer and drops the result, so that the global random state before each of this rank's
+    documents is the one a single process would have there."""
+
+    def doc_iterator(self, *, rank: int = 0, limit=None, world_size: int = 1, samples=None):
+        if world_size <= 1 or not str(self.config.task).startswith(SCORING_DRAWS_RANDOM):
+            return iterate(self, rank=rank, limit=limit, world_size=world_size, samples=samples)
+        return _replaying(self, iterate(self, rank=0, limit=limit, world_size=1, samples=samples), rank, world_size)
+
+    return doc_iterator
+
+
+def _replaying(task, every_doc, rank: int, world_size: int):
+    for doc_id, doc in every_doc:  # lm-eval's split: rank r scores the documents whose position % W == r
+        if doc_id % world_size == rank:
+            yield doc_id, doc
+        else:
+            task.process_results(doc, [""])
 
 
 def _in_document_order(parts: list):
