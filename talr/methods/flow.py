@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from talr.callbacks.metrics import publish_metrics
 from talr.data.encoding import Collator
 from talr.losses import flow_sample_weights, sequence_mean_losses, weighted_token_loss_sum
 from talr.methods.sft import SFT
@@ -72,9 +73,8 @@ class FLOW(SFT):
         w = self.flow_weights
         stats = {"flow/tau": self.flow_tau, "flow/weight_mean": float(w.mean()), "flow/weight_min": float(w.min()),
                  "flow/weight_median": float(w.median()), "flow/weight_max": float(w.max())}
+        publish_metrics(self.trainer, stats, step=0)
         if rank_zero:
-            for logger in self.loggers:
-                logger.log_metrics(stats, step=0)
             log.info("FLOW: %s", ", ".join(f"{k}={v:.4f}" for k, v in stats.items()))
 
     @torch.no_grad()
