@@ -251,7 +251,7 @@ def refuse_fsdp1(trainer, what: str) -> None:
         raise ValueError(
             f"{what} does not support FSDPStrategy (FSDP1). Use FSDP2: trainer.strategy "
             "lightning.pytorch.strategies.ModelParallelStrategy (data_parallel_size: <GPUs>, tensor_parallel_size: 1) "
-            "with model.init_args.fsdp_layer_classes, as configs/paper/base_*.yaml do."
+            "with model.init_args.decoder_layer_classes, as configs/paper/base_*.yaml do."
         )
 
 
