@@ -88,7 +88,9 @@ def check_outputs(run: PaperRun) -> None:
         assert key in summary["baseline"] and key in summary["final"], (key, summary["baseline"], summary["final"])
     tasks = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("GeneralEvalCallback")][0]
     for when in (summary["general_baseline"], summary["final"]):
-        evaluated = {k.split("/")[1] for k in when if k.count("/") == 2 and k.startswith("general/")}
+        evaluated = {k.split("/")[1] for k in when if k.count("/") == 2 and k.startswith("general/")
+                     and not k.startswith("general/eval_seconds/")}  # per-task seconds are timings, not tasks
+        assert {f"general/eval_seconds/{task}" for task in evaluated} <= set(when), sorted(when)
         assert "general/score" in when and len(evaluated) == len(tasks["init_args"]["tasks"]), sorted(when)
     assert {"drift/nll", "drift/nll_delta"} <= set(summary["final"])
     kept = summary["data"]["train/kept"]

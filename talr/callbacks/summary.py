@@ -30,7 +30,7 @@ def before_after_lines(summary: dict) -> list[str]:
     code-length drift (0 before training by definition). Counts (`val/n`) and timings are not metrics."""
     before = {**summary.get("baseline", {}), **summary.get("general_baseline", {}), "drift/nll_delta": 0.0}
     after = summary.get("final", {})
-    keys = [k for k in sorted(after) if k in before and not k.endswith(("/n", "seconds"))]
+    keys = [k for k in sorted(after) if k in before and not k.endswith("/n") and "seconds" not in k]
     return [f"{k:<32} {before[k]:>10.4f} -> {after[k]:.4f}" for k in keys]
 
 
