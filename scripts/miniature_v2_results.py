@@ -222,6 +222,7 @@ def plot(rows: list[dict], results: Path) -> None:
     import matplotlib.pyplot as plt
 
     fits = [r for r in rows if r["lr"] is not None and r["gain"] is not None]
+    colors = {r["step"]: f"C{i % 10}" for i, r in enumerate(fits)}  # one color per step in every panel
     sft0 = [r for r in fits if r["method"] == "sft" and r["seed"] == 0]
     fig, axes = plt.subplots(1, len(GENERAL), figsize=(6 * len(GENERAL), 4.5))
     for ax, (m, label) in zip(axes, GENERAL.items()):
@@ -234,8 +235,9 @@ def plot(rows: list[dict], results: Path) -> None:
         for r in fits:
             if r[m] is None:
                 continue
-            ax.scatter(r["gain"], r[m], marker=markers.get(r["method"], "x"), s=50,
-                       facecolors="none" if r["seed"] else None, label=r["step"])
+            color = colors[r["step"]]  # a hollow marker (second seed) needs its edge colored
+            ax.scatter(r["gain"], r[m], marker=markers.get(r["method"], "x"), s=50, edgecolors=color,
+                       facecolors="none" if r["seed"] else color, label=r["step"])
             ax.annotate(r["step"].replace("_lr", " "), (r["gain"], r[m]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
         ax.set(xlabel="domain gain: base − final held-out CoT-target NLL (nats/token)", ylabel=f"{label} (nats/token)",
@@ -256,7 +258,7 @@ def plot(rows: list[dict], results: Path) -> None:
             series = curves(results, r["step"]).get(key, [])
             if series:
                 ax.plot([x for x, _ in series], [y for _, y in series], "o-" if r["method"] == "sft" else "s--",
-                        ms=3, label=r["step"])
+                        ms=3, color=colors[r["step"]], label=r["step"])
         ax.set(title=title, xlabel="epoch")
         if key == "hard_tokens/mean_p":
             ax.set_yscale("log")
