@@ -55,15 +55,27 @@ def callback_args(config: dict, name: str) -> dict:
 
 
 def copy_results(src: Path, dest: Path, names) -> None:
-    """Copy a finished step's result files that exist; `analysis.json` loses its data-quoting hardest tokens."""
+    """Copy a finished step's result files that exist, less the fields that quote the data set (never committed):
+    `analysis.json`'s hardest tokens and the text of `hard_token_probs.json`'s tracked tokens (their ids,
+    positions and probabilities stay)."""
     dest.mkdir(parents=True, exist_ok=True)
     for fname in names:
         if (src / fname).exists():
             shutil.copy2(src / fname, dest / fname)
-    if (dest / "analysis.json").exists():  # its hardest tokens quote the data set: not committed
-        analysis = json.loads((dest / "analysis.json").read_text())
+    strip_data_quotes(dest)
+
+
+def strip_data_quotes(folder: Path) -> None:
+    """Remove, in place, the fields of a step's result files that quote training or held-out rows."""
+    if (folder / "analysis.json").exists():
+        analysis = json.loads((folder / "analysis.json").read_text())
         analysis.pop("hardest_tokens", None)
-        (dest / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+        (folder / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    if (folder / "hard_token_probs.json").exists():
+        probs = json.loads((folder / "hard_token_probs.json").read_text())
+        for pair in probs.get("pairs", []):
+            pair.pop("token", None)
+        (folder / "hard_token_probs.json").write_text(json.dumps(probs, indent=1) + "\n")
 
 
 class Miniature:

@@ -106,3 +106,19 @@ def test_driver_runs_collects_and_resumes(tmp_path, tiny_model_dir, medcalc_csv)
     mtime = (runs / "sft_lr5e-5" / ".done").stat().st_mtime
     driver.main(argv)  # resumes: nothing is rerun
     assert (runs / "sft_lr5e-5" / ".done").stat().st_mtime == mtime
+
+
+def test_copied_results_do_not_quote_the_data(tmp_path):
+    """The committed copies keep ids, positions and probabilities of the tracked hard tokens, not their text
+    (a quote of the training rows), and drop analysis.json's hardest tokens."""
+    driver = _load("reproduce_miniature")
+    src, dest = tmp_path / "run", tmp_path / "results"
+    src.mkdir()
+    pairs = [{"example": 0, "position": 5, "token_id": 17, "token": " concentration", "train_index": 0}]
+    (src / "hard_token_probs.json").write_text(json.dumps({"num_examples": 1, "pairs": pairs, "history": []}))
+    (src / "analysis.json").write_text(json.dumps({"n_examples": 1, "hardest_tokens": [{"token": " Q"}]}))
+    driver.copy_results(src, dest, ["hard_token_probs.json", "analysis.json"])
+    copied = json.loads((dest / "hard_token_probs.json").read_text())
+    assert copied["pairs"] == [{"example": 0, "position": 5, "token_id": 17, "train_index": 0}]
+    assert json.loads((dest / "analysis.json").read_text()) == {"n_examples": 1}
+    assert "token" in json.loads((src / "hard_token_probs.json").read_text())["pairs"][0]  # the run keeps it
